@@ -1,0 +1,105 @@
+"""Build models from our checkpoints: weights + the resolved config stored inside every checkpoint.
+
+A checkpoint written by ``train.py`` is a Lightning checkpoint with an extra ``"ldm"`` entry:
+``{"stage": "autoencoder" | "ldm", "config": <resolved config as plain dict>, "latent_stats": {...} | None}``.
+Everything (sample.py, evaluate.py, cache, export) rebuilds its models from that alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.models.latent_stats import latent_statistics
+
+# Only classes/functions from these packages may be named by a checkpoint's `_target_`.
+_ALLOWED_TARGET_ROOTS = ("ldm.", "torch.")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file beside ``path`` then rename, so ``path`` is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint without executing pickled code (``weights_only=True``) and check it is ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "ldm" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(
+            f"{path} is not an ldm training checkpoint (no 'ldm' entry with the run config); "
+            "pretrained Stable Diffusion / diffusers weights are imported with ldm.export instead"
+        )
+    return ckpt
+
+
+def instantiate(spec: dict[str, Any], **overrides: Any) -> Any:
+    """Build ``spec["_target_"](**spec)`` recursively, as Hydra would, without Hydra (library code)."""
+    if not isinstance(spec, dict) or "_target_" not in spec:
+        raise ValueError(f"expected a mapping with a '_target_' key, got {spec!r}")
+    target = spec["_target_"]
+    if not target.startswith(_ALLOWED_TARGET_ROOTS):
+        raise ValueError(f"refusing to build {target!r} from a checkpoint: only {_ALLOWED_TARGET_ROOTS} allowed")
+    module_name, _, attr = target.rpartition(".")
+    fn = getattr(importlib.import_module(module_name), attr)
+    kwargs = {}
+    for key, value in spec.items():
+        if key.startswith("_"):
+            continue
+        kwargs[key] = instantiate(value) if isinstance(value, dict) and "_target_" in value else value
+    kwargs.update(overrides)
+    return fn(**kwargs)
+
+
+def submodule_state(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Keys under ``prefix.`` with the prefix stripped."""
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in state_dict.items() if k.startswith(p)}
+
+
+def build_autoencoder(ckpt: str | os.PathLike | dict[str, Any]) -> tuple[nn.Module, dict[str, Any] | None]:
+    """Stage-1 autoencoder (eval mode) and its latent statistics from an ldm checkpoint (path or loaded)."""
+    ckpt = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt)
+    meta = ckpt["ldm"]
+    spec = meta["config"].get("autoencoder")
+    if spec is None:
+        raise ValueError("this checkpoint's config has no 'autoencoder' entry")
+    model = instantiate(spec)
+    model.load_state_dict(submodule_state(ckpt["state_dict"], "autoencoder"), strict=True)
+    return model.eval(), meta.get("latent_stats")
+
+
+def add_latent_stats(
+    path: str | os.PathLike, batches: Iterable[torch.Tensor], n_images: int, device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Compute latent statistics with the checkpoint's own autoencoder weights and store them in it (atomically)."""
+    ckpt = load_checkpoint(path)
+    model, _ = build_autoencoder(ckpt)
+    model.to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    stats = latent_statistics(model.encode, (b.to(device) for b in batches), n_images, generator=gen)
+    ckpt["ldm"]["latent_stats"] = stats
+    atomic_torch_save(ckpt, path)
+    return stats

@@ -1,0 +1,223 @@
+"""Shared pieces of every ldm dataset: the sample dict, image transforms and bad-data accounting.
+
+Every dataset yields ``{"image": FloatTensor [3, H, W] in [-1, 1], "caption": str, "attributes": str (JSON
+text, "{}" if none), "key": str, "n_bad": int}`` so that torch's default collate gives a batch of
+``image [B, 3, H, W]``, lists of str and ``n_bad`` as a LongTensor [B].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from typing import IO, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CROP_MODES = ("center", "random")
+WHITE = (255, 255, 255)
+
+
+def stable_hash(*parts: Any) -> int:
+    """A 64-bit hash of ``repr(parts)`` that is the same in every process and Python run.
+
+    (Python's built-in ``hash`` of str is salted per process, so it cannot pick splits or seeds.)
+    """
+    digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def unit_hash(*parts: Any) -> float:
+    """``stable_hash`` mapped to [0, 1); used to assign items to splits by a fraction."""
+    return stable_hash(*parts) / 2.0**64
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise a ValueError naming the argument."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}")
+    return value
+
+
+def check_resolution(resolution: int, low: int = 8, high: int = 4096) -> int:
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or not low <= resolution <= high:
+        raise ValueError(f"resolution must be an int in [{low}, {high}], got {resolution!r}")
+    return resolution
+
+
+def check_fraction(name: str, value: float, allow_one: bool = False) -> float:
+    upper_ok = value <= 1.0 if allow_one else value < 1.0
+    if not (0.0 <= value and upper_ok):
+        raise ValueError(f"{name} must be in [0, 1{']' if allow_one else ')'}, got {value!r}")
+    return float(value)
+
+
+def article(phrase: str) -> str:
+    """Prefix "a"/"an" by the first letter (good enough for generated captions)."""
+    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Convert any PIL mode to RGB; transparent pixels are composited onto ``background``.
+
+    A plain ``convert("RGB")`` drops alpha and exposes whatever colour the transparent pixels happen to store
+    (often black), which would teach the model junk borders.
+    """
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit / float grayscale: PIL's convert would clip at 255, so rescale 16-bit to 8-bit first.
+        arr = np.asarray(img, dtype=np.float32)
+        arr = arr / 257.0 if arr.max(initial=0) > 255 else arr
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def pil_to_tensor(img: Image.Image) -> Tensor:
+    """RGB PIL image (H x W) -> float32 tensor [3, H, W] in [-1, 1] (uint8 u maps to u / 127.5 - 1)."""
+    if img.mode != "RGB":
+        img = to_rgb(img)
+    # numpy does the layout change and scaling: several times faster than torch ops on small CPU tensors
+    chw = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(chw) / np.float32(127.5) - np.float32(1.0))
+
+
+def tensor_to_uint8(image: Tensor) -> np.ndarray:
+    """Float tensor [3, H, W] in [-1, 1] -> uint8 array [H, W, 3]; exact inverse of ``pil_to_tensor``."""
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an image tensor of shape [3, H, W], got {tuple(image.shape)}")
+    arr = image.detach().float().cpu().numpy().transpose(1, 2, 0)
+    return np.ascontiguousarray(np.clip(np.rint((arr + 1.0) * 127.5), 0, 255).astype(np.uint8))
+
+
+def resize_shorter_side(img: Image.Image, resolution: int) -> Image.Image:
+    """Scale so that the shorter side equals ``resolution`` (bicubic; PIL filters antialias when shrinking)."""
+    w, h = img.size
+    if min(w, h) == resolution:
+        return img
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    return img.resize(size, Image.Resampling.BICUBIC)
+
+
+def crop_square(img: Image.Image, resolution: int, crop: str = "center") -> Image.Image:
+    """Crop a ``resolution`` square; "random" draws the offset from torch's global RNG.
+
+    torch's global RNG is seeded per DataLoader worker from the loader's generator, so random crops are
+    reproducible for a fixed seed and worker count (see ``ImageDataModule``).
+    """
+    w, h = img.size
+    if (w, h) == (resolution, resolution):
+        return img
+    if crop == "random":
+        left = int(torch.randint(0, w - resolution + 1, ()).item())
+        top = int(torch.randint(0, h - resolution + 1, ()).item())
+    else:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+class ImageTransform:
+    """Decoded PIL image -> tensor [3, resolution, resolution] in [-1, 1].
+
+    Steps: RGB conversion (alpha over white), resize shorter side to ``resolution`` (bicubic, antialiased),
+    center or random square crop, optional random horizontal flip (p = 0.5).
+    """
+
+    def __init__(self, resolution: int, crop: str = "center", flip: bool = False) -> None:
+        self.resolution = check_resolution(resolution)
+        self.crop = check_choice("crop", crop, CROP_MODES)
+        self.flip = bool(flip)
+
+    def __call__(self, img: Image.Image) -> Tensor:
+        img = to_rgb(img)
+        img = crop_square(resize_shorter_side(img, self.resolution), self.resolution, self.crop)
+        if self.flip and bool(torch.rand(()) < 0.5):
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return pil_to_tensor(img)
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(resolution={self.resolution}, crop={self.crop!r}, flip={self.flip})"
+
+
+def open_image(source: str | os.PathLike | IO[bytes], resolution: int | None = None) -> Image.Image:
+    """Open and fully decode an image file or binary stream (raises on unreadable or truncated data).
+
+    For JPEGs, ``draft`` lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is much smaller, which
+    makes large photos several times cheaper to load; the result stays at least ``resolution`` on each side.
+    """
+    img = Image.open(source)
+    if resolution is not None and img.format == "JPEG":
+        img.draft("RGB", (resolution, resolution))
+    img.load()
+    return img
+
+
+def make_sample(image: Tensor, caption: str, attributes: str | dict | None, key: str, n_bad: int = 0) -> dict:
+    """Build the sample dict every dataset yields (see the module docstring)."""
+    if attributes is None:
+        attributes = "{}"
+    elif not isinstance(attributes, str):
+        attributes = json.dumps(attributes, sort_keys=True)
+    return {"image": image, "caption": caption, "attributes": attributes, "key": key, "n_bad": int(n_bad)}
+
+
+class BadDataCounter:
+    """Counts items that failed to load, per process (each DataLoader worker keeps its own copy).
+
+    ``failed`` records a failure; ``ok`` records a success and returns how many failures happened since the
+    previous success (the sample's ``n_bad``). When ``bad / attempts > max_bad_fraction`` after at least
+    ``min_attempts`` attempts, a RuntimeError lists the first bad items and the setting that raises the limit.
+    """
+
+    def __init__(self, source: str, max_bad_fraction: float = 0.05, min_attempts: int = 20,
+                 setting: str = "max_bad_fraction", max_listed: int = 20) -> None:
+        self.source = source
+        self.max_bad_fraction = check_fraction("max_bad_fraction", max_bad_fraction, allow_one=True)
+        self.min_attempts = min_attempts
+        self.setting = setting
+        self.max_listed = max_listed
+        self.good = 0
+        self.bad = 0
+        self.pending = 0
+        self.bad_items: dict[str, str] = {}
+
+    @property
+    def attempts(self) -> int:
+        return self.good + self.bad
+
+    def ok(self) -> int:
+        self.good += 1
+        n, self.pending = self.pending, 0
+        return n
+
+    def failed(self, item: str, error: BaseException | str) -> None:
+        self.bad += 1
+        self.pending += 1
+        if item not in self.bad_items and len(self.bad_items) < self.max_listed:
+            reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            self.bad_items[item] = reason[:300]
+        if self.attempts >= self.min_attempts and self.bad > self.max_bad_fraction * self.attempts:
+            self.raise_error(f"{self.bad} of {self.attempts} items failed to load "
+                             f"(more than {self.setting}={self.max_bad_fraction})")
+
+    def raise_error(self, headline: str) -> None:
+        listed = "\n".join(f"  {name}: {why}" for name, why in self.bad_items.items())
+        raise RuntimeError(
+            f"{self.source}: {headline}.\nFirst bad items (up to {self.max_listed}):\n{listed}\n"
+            f"Fix or remove these files, or raise the dataset argument {self.setting} "
+            f"(e.g. data.dataset.{self.setting}=0.2) to tolerate more bad data."
+        )
+
+    def __repr__(self) -> str:
+        return f"BadDataCounter(good={self.good}, bad={self.bad}, max_bad_fraction={self.max_bad_fraction})"

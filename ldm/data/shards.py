@@ -1,0 +1,388 @@
+"""WebDataset shards: a streaming reader (``WebDatasetImages``), a writer (``write_shards``) and a CLI.
+
+A shard is a tar file whose members are grouped by key: ``<key>.png|jpg|jpeg|webp`` (the image),
+``<key>.txt`` (the caption) and ``<key>.json`` (attributes; its "caption" field is used when there is no
+.txt). Shards are split across ranks first and then across DataLoader workers (as webdataset's
+``split_by_node`` / ``split_by_worker``: rank r reads shards r, r + W, r + 2W, ... where W is the world size,
+taken from RANK/WORLD_SIZE or from torch.distributed once it is initialised, else from where the dataset was
+built, so that "spawn"-started workers split correctly too). Write at least
+``ranks x workers`` shards so that no worker idles.
+
+    python -m ldm.data.shards --source shapes --split train --n 1000 --resolution 64 \\
+        --out data/shapes/shard-%06d.tar --maxcount 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import itertools
+import json
+import os
+import random
+import re
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ldm.data.common import (
+    BadDataCounter,
+    ImageTransform,
+    check_choice,
+    make_sample,
+    open_image,
+    stable_hash,
+    tensor_to_uint8,
+)
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+:")  # pipe:, http:, s3:, gs:, ... (not a Windows drive "C:")
+
+
+def expand_shard_urls(urls: str | os.PathLike | Sequence[str]) -> list[str]:
+    """Expand brace patterns (``shard-{000000..000099}.tar``), "::"-joined lists, folders (their ``*.tar``)
+    and globs into a list of shard URLs.
+
+    Local files must exist: otherwise FileNotFoundError lists the missing paths and the pattern they came
+    from. Remote URLs (``pipe:``, ``http(s):``, ``s3:``...) are passed through unchecked.
+    """
+    items = [os.fspath(urls)] if isinstance(urls, (str, os.PathLike)) else [os.fspath(u) for u in urls]
+    found: list[str] = []
+    missing: list[str] = []
+    for item in items:
+        for url in wds.shardlists.expand_urls(item):
+            if _REMOTE.match(url) and not url.startswith("file:"):
+                found.append(url)
+                continue
+            path = os.path.expanduser(url[len("file:"):] if url.startswith("file:") else url)
+            if os.path.isdir(path):
+                path = os.path.join(path, "*.tar")
+            if any(c in path for c in "*?["):
+                matches = sorted(glob.glob(path))
+                found.extend(matches)
+                if not matches:
+                    missing.append(path)
+            elif os.path.isfile(path):
+                found.append(path)
+            else:
+                missing.append(path)
+    if missing:
+        shown = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
+        raise FileNotFoundError(
+            f"{len(missing)} shard path(s) from {urls!r} do not exist (cwd {os.getcwd()}):\n  {shown}\n"
+            "Check the path and brace range (e.g. data/shapes/shard-{000000..000009}.tar) or write shards "
+            "with `python -m ldm.data.shards --source shapes --out data/shapes/shard-%06d.tar`."
+        )
+    if not found:
+        raise ValueError(f"no shards given: {urls!r}")
+    return found
+
+
+class WebDatasetImages(IterableDataset):
+    """Streams samples from webdataset shards (see the module docstring for the shard layout).
+
+    Args:
+        urls: shards of the train split: brace pattern, folder, glob or list.
+        split: "train", "val" or "test"; val reads ``val_urls``, test reads ``test_urls`` (else ``val_urls``).
+        resolution, crop, flip: as ``ImageTransform`` (shorter side resize, center/random crop, flip);
+            random crops and flips apply to the train split only.
+        shuffle_buffer: sample shuffle buffer of the train split (shards are shuffled too); 0 disables.
+        epoch_size: samples per rank per epoch for the train split (shards are re-read as often as needed),
+            so ``len()`` works for Lightning; None = one pass over this rank's shards, no ``len()``.
+        seed: shuffling seed; each epoch and worker derives its own seed from it and the DataLoader's seed.
+        max_bad_fraction: raise when more than this share of members fail to decode (after 20 attempts).
+
+    Yields dicts: image FloatTensor [3, resolution, resolution] in [-1, 1], caption, attributes (JSON text),
+    key (the sample's key in its shard), n_bad (broken members / tar errors skipped before this sample).
+    """
+
+    def __init__(self, urls: str | Sequence[str], split: str = "train", val_urls: str | Sequence[str] | None = None,
+                 test_urls: str | Sequence[str] | None = None, resolution: int = 256, crop: str = "center",
+                 flip: bool = False, shuffle_buffer: int = 1000, epoch_size: int | None = None, seed: int = 0,
+                 max_bad_fraction: float = 0.05) -> None:
+        super().__init__()
+        self.split = check_choice("split", split, ("train", "val", "test"))
+        source = {"train": urls, "val": val_urls, "test": test_urls if test_urls is not None else val_urls}[split]
+        if source is None:
+            raise ValueError(f"WebDatasetImages has no shards for split {split!r}: pass val_urls=... "
+                             "(and optionally test_urls=...)")
+        self.urls = expand_shard_urls(source)
+        self.source = source if isinstance(source, str) else f"{len(self.urls)} shards"
+        self.training = split == "train"
+        # Augmentation and shuffling are for training only: evaluation sees the same pixels every epoch.
+        self.transform = ImageTransform(resolution, crop if self.training else "center", flip and self.training)
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        if epoch_size is not None and epoch_size < 1:
+            raise ValueError(f"epoch_size must be a positive number of samples per rank or None, got {epoch_size}")
+        self.shuffle_buffer = shuffle_buffer if self.training else 0
+        self.epoch_size = epoch_size if self.training else None
+        self.seed = int(seed)
+        self.bad = BadDataCounter(f"WebDatasetImages({self.source!r})", max_bad_fraction)
+        # Rank seen where the dataset is built (Lightning builds it after init_process_group). A DataLoader
+        # worker started with "spawn" has no process group, so __iter__ falls back to these values there.
+        self._built_rank, self._built_world = wds.utils.pytorch_worker_info()[:2]
+        self._iterations = 0  # advances per __iter__ in this process copy (persistent workers, num_workers=0)
+
+    def __len__(self) -> int:
+        if self.epoch_size is None:
+            raise TypeError("WebDatasetImages has no length unless epoch_size is set (train split)")
+        return self.epoch_size
+
+    def rank_and_world(self) -> tuple[int, int]:
+        """(rank, world size) from RANK/WORLD_SIZE or torch.distributed (as webdataset's split_by_node)."""
+        rank, world = wds.utils.pytorch_worker_info()[:2]
+        return (rank, world) if world > 1 else (self._built_rank, self._built_world)
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world = self.rank_and_world()
+        _, _, worker, n_workers = wds.utils.pytorch_worker_info()
+        rank_shards = len(self.urls[rank::world])
+        if rank_shards == 0:
+            raise ValueError(f"{len(self.urls)} shard(s) cannot be split across {world} ranks; write at least "
+                             f"{world} shards (use a smaller --maxcount)")
+        active = min(n_workers, rank_shards)  # split_by_worker leaves workers beyond the shard count empty
+        if worker >= active:
+            return
+        quota = None
+        if self.epoch_size is not None:
+            quota = self.epoch_size // active + (worker < self.epoch_size % active)
+        # The DataLoader draws a new base seed from its generator for every epoch (fresh workers), and
+        # _iterations advances when the same copy is iterated again, so every epoch shuffles differently.
+        info = get_worker_info()
+        self._iterations += 1
+        base = stable_hash(self.seed, rank, info.seed if info is not None else 0, self._iterations)
+        produced, passes = 0, 0
+        while quota is None or produced < quota:
+            got = 0
+            for sample in self._one_pass(base + passes, rank, world):
+                yield sample
+                got += 1
+                produced += 1
+                if quota is not None and produced >= quota:
+                    return
+            if got == 0:
+                if self.bad.bad:
+                    self.bad.raise_error(f"no sample of this worker's shards decoded ({self.bad.bad} failures)")
+                raise ValueError(f"shards {self.source!r} (rank {rank}, worker {worker}) hold no samples")
+            passes += 1
+            if quota is None:
+                return
+
+    def _one_pass(self, seed: int, rank: int, world: int) -> Iterator[dict]:
+        # Same slicing as webdataset's split_by_node, with the rank resolved above.
+        def split_by_rank(src: Iterable[dict]) -> Iterator[dict]:
+            return itertools.islice(src, rank, None, world)
+
+        pipeline = wds.WebDataset(
+            self.urls, handler=self._on_error, seed=seed % 2**63, empty_check=False,
+            shardshuffle=len(self.urls) if self.training else False,
+            nodesplitter=split_by_rank, workersplitter=wds.split_by_worker,
+        )
+        if self.shuffle_buffer > 1:
+            pipeline = pipeline.shuffle(self.shuffle_buffer, rng=random.Random(seed + 1))
+        for raw in pipeline:
+            sample = self._decode(raw)
+            if sample is not None:
+                yield sample
+
+    def _on_error(self, exn: Exception) -> bool:
+        """webdataset handler: count the broken tar/member and keep going (``failed`` raises past the limit)."""
+        where = next((a for a in exn.args if isinstance(a, str) and ".tar" in a), "shard")
+        self.bad.failed(f"{where} (tar error #{self.bad.bad + 1})", exn)
+        return True
+
+    def _decode(self, raw: dict) -> dict | None:
+        key = str(raw.get("__key__", ""))
+        name = f"{raw.get('__url__', '?')}:{key}"
+        ext = next((e for e in IMAGE_KEYS if e in raw), None)
+        if ext is None:
+            found = sorted(k for k in raw if not k.startswith("__"))
+            self.bad.failed(name, f"no image member (looked for {list(IMAGE_KEYS)}, found {found})")
+            return None
+        try:
+            image = self.transform(open_image(io.BytesIO(raw[ext]), self.transform.resolution))
+            meta = json.loads(raw["json"]) if "json" in raw else {}
+            if "txt" in raw:
+                caption = raw["txt"].decode("utf-8").strip()
+            else:
+                caption = str(meta.get("caption", "")) if isinstance(meta, dict) else ""
+        except Exception as exc:  # broken image bytes, bad UTF-8 or JSON
+            self.bad.failed(name, exc)
+            return None
+        attributes = raw["json"].decode("utf-8") if "json" in raw else "{}"
+        return make_sample(image, caption, attributes, key, self.bad.ok())
+
+    def __repr__(self) -> str:
+        return (f"WebDatasetImages({self.source!r}, split={self.split!r}, shards={len(self.urls)}, "
+                f"epoch_size={self.epoch_size}, shuffle_buffer={self.shuffle_buffer}, {self.transform})")
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+_PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+def encode_image(image: Tensor | np.ndarray | Image.Image, image_format: str = "png", quality: int = 95) -> bytes:
+    """Encode a tensor [3, H, W] in [-1, 1], a uint8 array [H, W, 3] or a PIL image as png/jpg/webp bytes."""
+    fmt = _PIL_FORMATS[check_choice("image_format", image_format, tuple(_PIL_FORMATS))]
+    if isinstance(image, Tensor):
+        image = tensor_to_uint8(image)
+    pil = Image.fromarray(image) if isinstance(image, np.ndarray) else image.convert("RGB")
+    buf = io.BytesIO()
+    options = {"compress_level": 6} if fmt == "PNG" else {"quality": quality}
+    pil.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+class _AtomicFiles:
+    """ShardWriter opener/post hooks: write ``<name>.tmp-<pid>``, rename to ``<name>`` once complete."""
+
+    def __init__(self) -> None:
+        self.open_files: dict[str, tuple[str, io.BufferedWriter]] = {}
+        self.done: list[str] = []
+
+    def open(self, fname: str) -> io.BufferedWriter:
+        os.makedirs(os.path.dirname(os.path.abspath(fname)), exist_ok=True)
+        tmp = f"{fname}.tmp-{os.getpid()}"
+        fh = open(tmp, "wb")  # noqa: SIM115 - closed in publish/abort
+        self.open_files[fname] = (tmp, fh)
+        return fh
+
+    def publish(self, fname: str) -> None:
+        tmp, fh = self.open_files.pop(fname)
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        os.replace(tmp, fname)  # atomic on POSIX: readers never see a half-written shard
+        self.done.append(fname)
+
+    def abort(self) -> None:
+        for tmp, fh in self.open_files.values():
+            fh.close()
+            os.remove(tmp)
+        self.open_files.clear()
+
+
+def write_shards(samples: Iterable[dict], pattern: str, maxcount: int = 1000, image_format: str = "png",
+                 maxsize: float = 3e9) -> list[str]:
+    """Write samples ({"image", "caption", "attributes", "key"}) to tar shards named ``pattern % i``.
+
+    image -> ``<key>.<image_format>`` (png is lossless; tensors in [-1, 1] round-trip exactly), caption ->
+    ``<key>.txt``, attributes (JSON text or dict) -> ``<key>.json``. Keys are made tar-safe and unique. Each
+    shard is written under a temporary name and renamed when complete, so a crash leaves no partial shard.
+    Returns the shard paths written.
+    """
+    try:
+        if pattern % 0 == pattern % 1:
+            raise TypeError
+    except TypeError:
+        raise ValueError(f"pattern {pattern!r} needs one printf field for the shard number, "
+                         "e.g. data/shapes/shard-%06d.tar") from None
+    check_choice("image_format", image_format, tuple(_PIL_FORMATS))
+    if maxcount < 1:
+        raise ValueError(f"maxcount must be >= 1, got {maxcount}")
+    files = _AtomicFiles()
+    writer = None
+    seen: set[str] = set()
+    try:
+        for i, sample in enumerate(samples):
+            if writer is None:
+                writer = wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0,
+                                         opener=files.open, post=files.publish, encoder=False, mtime=0.0)
+            # Dots split a webdataset key from its extension, so keep keys to [A-Za-z0-9_/-].
+            key = re.sub(r"[^A-Za-z0-9_/-]", "_", str(sample.get("key", ""))).strip("/")
+            if not key or key in seen:
+                key = f"{i:09d}"
+            seen.add(key)
+            attributes = sample.get("attributes") or "{}"
+            if not isinstance(attributes, str):
+                attributes = json.dumps(attributes, sort_keys=True)
+            writer.write({
+                "__key__": key,
+                image_format: encode_image(sample["image"], image_format),
+                "txt": str(sample.get("caption", "")).encode("utf-8"),
+                "json": attributes.encode("utf-8"),
+            })
+        if writer is None:
+            raise ValueError(f"no samples to write to {pattern!r}")
+        writer.close()
+    except BaseException:
+        if writer is not None and writer.tarstream is not None:
+            try:  # finish the tar stream into the temporary file so it does not flush later, then delete it
+                writer.tarstream.close()
+            except Exception:
+                pass
+        files.abort()
+        raise
+    return files.done
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+def build_source(source: str, split: str, resolution: int, root: str | None, n: int | None, seed: int = 0):
+    """The map-style dataset the CLI writes from (center crops, no flips: shards keep the canonical view)."""
+    if source == "shapes":
+        from ldm.data.shapes import ShapesDataset
+
+        size = n or 10000
+        return ShapesDataset(split=split, size=size, val_size=size, resolution=resolution, seed=seed)
+    if source == "folder":
+        from ldm.data.images import ImageFolderDataset
+
+        if root is None:
+            raise SystemExit("--source folder needs --root PATH")
+        return ImageFolderDataset(root, split=split, resolution=resolution)
+    if source == "emoji":
+        from ldm.data.emoji import EmojiDataset
+
+        return EmojiDataset(root=root, split=split, resolution=resolution)
+    if source == "fashion_mnist":
+        from ldm.data.fashion_mnist import DEFAULT_ROOT, FashionMNISTDataset
+
+        return FashionMNISTDataset(root=root or DEFAULT_ROOT, split=split, resolution=resolution)
+    raise SystemExit(f"unknown --source {source!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from tqdm import tqdm
+
+    p = argparse.ArgumentParser(prog="python -m ldm.data.shards", description="Write a dataset to webdataset shards.")
+    p.add_argument("--source", required=True, choices=["shapes", "folder", "emoji", "fashion_mnist"])
+    p.add_argument("--root", default=None, help="data folder (folder: required; emoji/fashion_mnist: optional)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--n", type=int, default=None, help="samples to write (default: all; shapes: 10000)")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--out", required=True, help="shard name pattern, e.g. data/shapes/shard-%%06d.tar")
+    p.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    p.add_argument("--image-format", default="png", choices=sorted(_PIL_FORMATS))
+    p.add_argument("--seed", type=int, default=0, help="shapes only: scene seed")
+    args = p.parse_args(argv)
+
+    dataset = build_source(args.source, args.split, args.resolution, args.root, args.n, args.seed)
+    total = len(dataset) if args.n is None else min(args.n, len(dataset))
+    stats = {"written": 0, "n_bad": 0}
+
+    def samples() -> Iterator[dict]:
+        keys: set[str] = set()
+        for i in tqdm(range(total), desc=f"{args.source}/{args.split}", unit="img"):
+            sample = dataset[i]
+            stats["n_bad"] += sample["n_bad"]
+            if sample["key"] in keys:  # a skipped bad file returns the next good one: write it once
+                continue
+            keys.add(sample["key"])
+            stats["written"] += 1
+            yield sample
+
+    shards = write_shards(samples(), args.out, maxcount=args.maxcount, image_format=args.image_format)
+    print(f"wrote {stats['written']} samples ({stats['n_bad']} bad skipped) to {len(shards)} shard(s): "
+          f"{shards[0]} .. {shards[-1]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Lightning module for stage 1 (KL autoencoder + PatchGAN). Thin: unpack, call the loss, step, log.
+
+Manual optimisation because the generator and the discriminator alternate with their own optimizers
+(Rombach et al. 2022, App. G; Esser et al. 2021). ``global_step`` counts generator updates only, so that
+``trainer.max_steps``, ``disc_start``, logging and Lightning's resume bookkeeping all mean "training steps".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from ldm.losses.autoencoder import AutoencoderLoss
+from ldm.metrics.recon import psnr, ssim
+
+
+class AutoencoderModule(pl.LightningModule):
+    """Stage-1 training.
+
+    Args:
+        autoencoder: ``AutoencoderKL``.
+        loss: ``AutoencoderLoss`` (owns discriminator, LPIPS and log-variance).
+        optimizer: partial ``torch.optim`` constructor for the autoencoder (+ log-variance).
+        disc_optimizer: partial constructor for the discriminator.
+        base_learning_rate: if ``scale_lr``, lr = base × batch × devices × accumulation (LDM convention),
+            else lr = base.
+        batch_size: per-device batch size (for the LR scaling).
+        accumulate_grad_batches: optimizer steps every N batches (manual optimisation does it here).
+        gradient_clip_val: clip the global grad norm of each optimizer's parameters (0/None: off).
+        run_config: the resolved run config (plain dict), stored in every checkpoint.
+        seed: posterior sampling noise is a pure function of (seed, rank, step, batch), so a resumed run draws
+            exactly the noise an uninterrupted run would have drawn.
+        grid_images: how many validation images go into the input/reconstruction grid.
+        latent_stats: set after training (scale and per-channel mean/std); stored in checkpoints.
+    """
+
+    def __init__(
+        self,
+        autoencoder: nn.Module,
+        loss: AutoencoderLoss,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        disc_optimizer: Callable[..., torch.optim.Optimizer],
+        base_learning_rate: float = 4.5e-6,
+        scale_lr: bool = True,
+        batch_size: int = 1,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        run_config: dict[str, Any] | None = None,
+        seed: int = 0,
+        grid_images: int = 8,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.autoencoder = autoencoder
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.disc_optimizer_factory = disc_optimizer
+        self.base_learning_rate = base_learning_rate
+        self.scale_lr = scale_lr
+        self.batch_size = batch_size
+        self.accumulate = max(1, int(accumulate_grad_batches))
+        self.gradient_clip_val = gradient_clip_val
+        self.run_config = run_config or {}
+        self.seed = int(seed)
+        self.grid_images = grid_images
+        self.latent_stats: dict[str, Any] | None = None
+        self._grid: tuple[Tensor, Tensor] | None = None
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def learning_rate(self) -> float:
+        if not self.scale_lr:
+            return self.base_learning_rate
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return self.base_learning_rate * self.batch_size * world * self.accumulate
+
+    def configure_optimizers(self):
+        lr = self.learning_rate()
+        gen_params = list(self.autoencoder.parameters()) + [self.loss.logvar]
+        opt_g = self.optimizer_factory(gen_params, lr=lr)
+        opt_d = self.disc_optimizer_factory(self.loss.discriminator.parameters(), lr=lr)
+        return [opt_g, opt_d]
+
+    # ---------------------------------------------------------------------------------------------- train
+    def _update(self, opt, loss: Tensor, do_step: bool, counts_as_step: bool = True) -> None:
+        self.manual_backward(loss / self.accumulate)
+        if do_step:
+            if self.gradient_clip_val:
+                self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+            if counts_as_step:
+                opt.step()
+            else:
+                _step_without_counting(opt)
+            opt.zero_grad(set_to_none=True)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        opt_g, opt_d = self.optimizers()
+        x = batch["image"]
+        step = self.global_step  # generator updates so far
+        do_step = (batch_idx + 1) % self.accumulate == 0
+
+        noise = torch.Generator(device=x.device)
+        noise.manual_seed(hash((self.seed, self.global_rank, step, batch_idx)) % 2**63)
+
+        self.toggle_optimizer(opt_g)
+        recon, posterior = self.autoencoder(x, generator=noise)
+        g_loss, logs = self.loss.generator_loss(x, recon, posterior, step, self.autoencoder.get_last_layer())
+        self._update(opt_g, g_loss, do_step)
+        self.untoggle_optimizer(opt_g)
+
+        if self.loss.discriminator_active(step):
+            self.toggle_optimizer(opt_d)
+            d_loss, d_logs = self.loss.discriminator_step_loss(x, recon, step)
+            self._update(opt_d, d_loss, do_step, counts_as_step=False)
+            self.untoggle_optimizer(opt_d)
+            logs.update(d_logs)
+
+        bar = {"rec_loss", "d_loss"}
+        self.log_dict({f"train/{k}": v for k, v in logs.items() if k in bar}, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in logs.items() if k not in bar})
+        if "n_bad" in batch:
+            self.log("data/skipped", batch["n_bad"].sum().float(), reduce_fx="sum", on_step=False, on_epoch=True,
+                     sync_dist=True)
+
+    # ----------------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x = batch["image"]
+        posterior = self.autoencoder.encode(x)
+        recon = self.autoencoder.decode(posterior.mode())
+        x32, r32 = x.float(), recon.float().clamp(-1, 1)
+        metrics = {
+            "val/rec_loss": (x32 - r32).abs().mean(),
+            "val/psnr": psnr(x32, r32).mean(),
+            "val/ssim": ssim(x32, r32).mean(),
+        }
+        if self.loss.perceptual is not None:
+            metrics["val/lpips"] = self.loss.perceptual(x32, r32).float().mean()
+        else:  # keep the checkpoint monitor valid without LPIPS: fall back to L1
+            metrics["val/lpips"] = metrics["val/rec_loss"]
+        self.log_dict(metrics, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        if batch_idx == 0:
+            n = min(self.grid_images, x.shape[0])
+            self._grid = (x32[:n].detach().cpu(), r32[:n].detach().cpu())
+
+    # ----------------------------------------------------------------------------------------- checkpoint
+    # The frozen LPIPS net (58 MB for VGG) is rebuilt from its pretrained weights, never stored in checkpoints.
+    _FROZEN_PREFIX = "loss.perceptual."
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(self._FROZEN_PREFIX)]:
+            del state[key]
+        checkpoint["ldm"] = {"stage": "autoencoder", "config": self.run_config, "latent_stats": self.latent_stats}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.latent_stats = checkpoint.get("ldm", {}).get("latent_stats")
+        own = {k: v for k, v in self.state_dict().items() if k.startswith(self._FROZEN_PREFIX)}
+        checkpoint["state_dict"].update(own)
+
+
+def _step_without_counting(opt) -> None:
+    """Step a LightningOptimizer (precision plugin, AMP scaler and all) without advancing ``global_step``.
+
+    In manual optimisation Lightning counts every ``optimizer.step()`` into ``global_step`` through the
+    optimizer's ``_on_before_step``/``_on_after_step`` hooks; the discriminator's update must not count, or a
+    GAN step would be two "steps" and ``max_steps``/resume bookkeeping would be off by a factor of ~2.
+    """
+    before, after = opt._on_before_step, opt._on_after_step
+    opt._on_before_step = opt._on_after_step = lambda: None
+    try:
+        opt.step()
+    finally:
+        opt._on_before_step, opt._on_after_step = before, after

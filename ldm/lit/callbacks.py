@@ -1,0 +1,131 @@
+"""Lightning callbacks and plugins: image grids, atomic checkpoint writes, a DDP consistency check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from torchvision.utils import make_grid, save_image
+
+from ldm.checkpoint import atomic_torch_save
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints to a temporary file in the same folder, then rename: a crash or a kill never
+    leaves a half-written ``last.ckpt`` behind (os.replace is atomic on POSIX)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+
+class ReconstructionGrid(pl.Callback):
+    """After each validation, save inputs (top rows) over reconstructions (bottom rows) as a PNG in
+    ``<run_dir>/images/`` and send it to the logger (TensorBoard/W&B)."""
+
+    def __init__(self, dirpath: str, nrow: int = 8) -> None:
+        self.dirpath = Path(dirpath)
+        self.nrow = nrow
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        grid_pair = getattr(pl_module, "_grid", None)
+        if grid_pair is None or not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        inputs, recons = grid_pair
+        n = min(self.nrow, inputs.shape[0])
+        grid = make_grid(torch.cat([inputs[:n], recons[:n]]), nrow=n, normalize=True, value_range=(-1, 1))
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        path = self.dirpath / f"val_step{trainer.global_step:07d}.png"
+        save_image(grid, path)
+        log_image(trainer, "val/reconstructions", grid, trainer.global_step, caption="top: inputs, bottom: reconstructions")
+
+
+def log_image(trainer: pl.Trainer, key: str, grid: torch.Tensor, step: int, caption: str = "") -> None:
+    """Send a [3,H,W] image in [0,1] to every logger that can show images."""
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):  # TensorBoard
+            experiment.add_image(key, grid, step)
+        elif hasattr(logger, "log_image"):  # W&B
+            logger.log_image(key=key, images=[grid], step=step, caption=[caption])
+
+
+class RankConsistencyCheck(pl.Callback):
+    """At the end of training, compare a checksum of every parameter across DDP ranks and fail loudly if
+    any rank diverged (e.g. a gradient that was never all-reduced). Writes ``rank_checksums.json``."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sums = torch.stack([p.detach().double().sum() for p in pl_module.parameters()])
+        sq = torch.stack([p.detach().double().pow(2).sum() for p in pl_module.parameters()])
+        local = torch.stack([sums, sq]).to(pl_module.device)
+        gathered = pl_module.all_gather(local)  # [world, 2, P] (or [2, P] on one process)
+        if gathered.dim() == 2:
+            gathered = gathered[None]
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            per_rank = [{"sum": float(g[0].sum()), "sumsq": float(g[1].sum())} for g in gathered.cpu()]
+            (self.dirpath / "rank_checksums.json").write_text(json.dumps(per_rank, indent=2))
+            ref = gathered[0]
+            bad = [r for r in range(1, gathered.shape[0]) if not torch.equal(gathered[r], ref)]
+            if bad:
+                raise RuntimeError(f"DDP ranks {bad} hold different parameters than rank 0 after training")
+
+
+class Throughput(pl.Callback):
+    """Log training images/s (all ranks together) and peak GPU memory; write ``perf.json`` at the end.
+
+    The first ``warmup`` batches (compilation, cudnn autotuning, allocator growth) are left out of the rate.
+    """
+
+    def __init__(self, dirpath: str, warmup: int = 20, log_every: int = 50) -> None:
+        self.dirpath = Path(dirpath)
+        self.warmup = warmup
+        self.log_every = log_every
+        self._t0: float | None = None
+        self._images = 0
+        self._batches = 0
+
+    @staticmethod
+    def _now(pl_module: pl.LightningModule) -> float:
+        import time
+
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batches += 1
+        if self._batches == self.warmup:
+            self._t0 = self._now(pl_module)
+            self._images = 0
+            if pl_module.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(pl_module.device)
+            return
+        if self._t0 is None:
+            return
+        self._images += batch["image"].shape[0] * trainer.world_size
+        if self._batches % self.log_every == 0:
+            pl_module.log("perf/images_per_s", self._images / (self._now(pl_module) - self._t0), rank_zero_only=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._t0 is None or not trainer.is_global_zero:
+            return
+        elapsed = self._now(pl_module) - self._t0
+        summary = {
+            "images_per_s": self._images / elapsed if elapsed > 0 else None,
+            "timed_batches": self._batches - self.warmup,
+            "timed_seconds": elapsed,
+            "world_size": trainer.world_size,
+            "precision": str(trainer.precision),
+            "device": torch.cuda.get_device_name(pl_module.device) if pl_module.device.type == "cuda" else "cpu",
+            "peak_memory_gib": torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            if pl_module.device.type == "cuda" else None,
+        }
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        (self.dirpath / "perf.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,81 @@
+"""Every config composes, presets build, and bad configs fail before any work with a clear message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import CONFIG_DIR, compose_train, resolved
+from hydra.errors import ConfigCompositionException
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = ["stage", "autoencoder", "loss", "data", "trainer", "logger", "callbacks", "experiment", "debug",
+          "hparams_search"]
+
+
+def _options(group: str) -> list[str]:
+    base = Path(CONFIG_DIR) / group
+    return sorted(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override", [f"{g}={o}" for g in GROUPS for o in _options(g)], ids=lambda s: s.replace("/", "-")
+)
+def test_every_config_composes_and_resolves(override, tmp_path):
+    cfg = compose_train([override], output_dir=tmp_path)
+    out = resolved(cfg)
+    assert out["stage_name"] == "autoencoder"
+    assert out["trainer"]["_target_"] == "pytorch_lightning.Trainer"
+
+
+def test_default_run_is_the_cpu_quickstart(tmp_path):
+    cfg = resolved(compose_train([], output_dir=tmp_path))
+    assert cfg["autoencoder"]["ch_mult"] == [1, 2, 2]
+    assert cfg["data"]["dataset"]["_target_"] == "ldm.data.shapes.ShapesDataset"
+    assert cfg["trainer"]["precision"] == "auto"  # bf16-mixed on a GPU, 32-true on the CPU (train.auto_precision)
+    assert cfg["trainer"]["max_steps"] > 0
+
+
+def test_auto_precision_on_this_machine():
+    import torch
+
+    expected = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if torch.cuda.is_available() \
+        else "32-true"
+    assert train.auto_precision() == expected
+
+
+def test_resolution_not_divisible_is_rejected(tmp_path):
+    cfg = compose_train(["autoencoder=kl_f8", "resolution=100"], output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"resolution=100 is not divisible .* factor 8.*resolution=96"):
+        train.check_config(cfg)
+
+
+def test_gpu_trainer_without_cuda_is_rejected(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = compose_train(["trainer=gpu"], output_dir=tmp_path)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train.check_config(cfg)
+
+
+def test_unknown_key_and_option_are_named(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="batch_sz"):
+        compose_train(["batch_sz=3"])
+    with pytest.raises(ConfigCompositionException, match="kl_f9"):
+        compose_train(["autoencoder=kl_f9"])
+
+
+def test_cli_fails_fast_with_clear_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "train.py", "resolution=30", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "resolution=30 is not divisible" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
