@@ -52,6 +52,8 @@ def check_config(cfg: DictConfig) -> None:
             f"resolution={res} is too small for a {n_layers}-layer PatchGAN (needs >= {2 ** (n_layers + 2)}); "
             f"lower loss.discriminator.n_layers"
         )
+    if cfg.monitor == "val/lpips" and cfg.loss.get("perceptual") is None:
+        problems.append("monitor=val/lpips needs an LPIPS net (loss.perceptual); set monitor=val/rec_loss")
     if int(cfg.batch_size) < 1:
         problems.append(f"batch_size={cfg.batch_size} must be >= 1")
     if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():

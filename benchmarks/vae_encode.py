@@ -79,6 +79,12 @@ def main() -> None:
             rate = bench(fn, xin, args.iters, args.warmup if mode == "eager" else args.warmup + 3)
             results[f"{kind}_{mode}_img_per_s"] = round(rate, 1)
             print(f"{kind:9s} {mode:8s} {rate:8.1f} img/s", flush=True)
+            if mode == "eager":  # also eager in channels_last (cuDNN's preferred layout for bf16 convs)
+                model = model.to(memory_format=torch.channels_last)
+                rate = bench(encode_fn(model, kind), x.contiguous(memory_format=torch.channels_last),
+                             args.iters, args.warmup)
+                results[f"{kind}_eager_channels_last_img_per_s"] = round(rate, 1)
+                print(f"{kind:9s} eager-cl {rate:8.1f} img/s", flush=True)
             del model, fn
             torch.cuda.empty_cache()
     results.update(

@@ -86,7 +86,9 @@ def build_autoencoder(ckpt: str | os.PathLike | dict[str, Any]) -> tuple[nn.Modu
     if spec is None:
         raise ValueError("this checkpoint's config has no 'autoencoder' entry")
     model = instantiate(spec)
-    model.load_state_dict(submodule_state(ckpt["state_dict"], "autoencoder"), strict=True)
+    # EMA weights when the run kept them (they are what validation measured), else the raw weights
+    state = submodule_state(ckpt["state_dict"], "autoencoder_ema") or submodule_state(ckpt["state_dict"], "autoencoder")
+    model.load_state_dict(state, strict=True)
     return model.eval(), meta.get("latent_stats")
 
 

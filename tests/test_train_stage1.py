@@ -69,7 +69,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     Unshuffled data: Lightning replays a plain DataLoader from the start of the interrupted epoch's iterator,
     so only model, optimizer, step and noise state are under test here."""
     common = TINY_RUN + ["trainer.deterministic=true", "loss.disc_start=2", "data.dataset.size=12",
-                         "batch_size=4", "+data.shuffle=false"]
+                         "batch_size=4", "+data.shuffle=false", "module.lr_scheduler.T_max=6"]
     full = tmp_path / "full"
     train.train(compose_train(common + ["trainer.max_steps=6"], output_dir=full))
     part = tmp_path / "part"
@@ -100,3 +100,82 @@ def test_ddp_two_cpu_processes_keep_identical_parameters(tmp_path):
     assert len(sums) == 2
     assert sums[0] == sums[1]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["ldm"]["latent_stats"]["n_images"] == 8
+
+
+def test_bf16_mixed_on_cpu(tmp_path):
+    cfg = compose_train(TINY_RUN + ["debug=fdr", "loss.disc_start=0", "trainer.precision=bf16-mixed"],
+                        output_dir=tmp_path)
+    metrics = train.train(cfg)
+    assert torch.isfinite(torch.tensor([metrics["train/rec_loss"], metrics["train/d_loss"]])).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_precisions_on_gpu(tmp_path, precision):
+    on_gpu = [o for o in TINY_RUN if not o.startswith("trainer.accelerator")]
+    cfg = compose_train(on_gpu + ["trainer=gpu", "trainer.max_steps=6", "loss.disc_start=2",
+                                    f"trainer.precision={precision}", "module.gradient_clip_val=1.0"],
+                        output_dir=tmp_path)
+    metrics = train.train(cfg)
+    assert torch.isfinite(torch.tensor([metrics["train/rec_loss"], metrics["train/d_loss"]])).all()
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 6
+
+
+def test_corrupt_images_are_skipped_and_logged(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(10):
+        Image.new("RGB", (40, 40), (20 * i, 100, 200)).save(root / f"img{i:02d}.png")
+    from ldm.data.images import ImageFolderDataset
+
+    for i in range(50):  # a broken file that the hash-based split puts into train
+        broken = root / f"broken{i}.png"
+        broken.write_bytes(b"\x89PNG not really an image")
+        if broken.name in ImageFolderDataset(root, split="train", val_fraction=0.1).files:
+            break
+        broken.unlink()
+    out = tmp_path / "run"
+    no_shapes = [o for o in TINY_RUN if not o.startswith("data.dataset.size")]
+    cfg = compose_train(no_shapes + ["data=folder", f"data.dataset.root={root}", "data.dataset.val_fraction=0.1",
+                                    "data.dataset.max_bad_fraction=0.5", "+data.shuffle=false",
+                                    "batch_size=2", "trainer.max_steps=5"], output_dir=out)
+    train.train(cfg)
+    skipped = [float(r["data/skipped"]) for r in _metrics(out) if r.get("data/skipped")]
+    assert skipped and sum(skipped) >= 1
+
+
+def test_wandb_offline_logger(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_train(TINY_RUN + ["logger=wandb", "trainer.max_steps=2"], output_dir=tmp_path)
+    train.train(cfg)
+    runs = list(tmp_path.rglob("offline-run-*"))
+    assert runs, "no offline W&B run directory written"
+    assert list(runs[0].rglob("*.wandb"))
+
+
+@pytest.mark.slow
+def test_multirun_sweep(tmp_path):
+    cmd = [sys.executable, "train.py", "-m", *TINY_RUN, "debug=fdr", "loss.kl_weight=1e-6,1e-5",
+           f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    cfgs = sorted(tmp_path.glob("*/.hydra/config.yaml"))
+    assert len(cfgs) == 2
+    assert "1.0e-05" in cfgs[1].read_text() or "1e-05" in cfgs[1].read_text()
+
+
+def test_ema_weights_are_kept_and_used_by_the_checkpoint(tmp_path):
+    cfg = compose_train(TINY_RUN + ["trainer.max_steps=4", "module.ema_decay=0.9"], output_dir=tmp_path)
+    train.train(cfg)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    raw = {k[len("autoencoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("autoencoder.")}
+    ema = {k[len("autoencoder_ema."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("autoencoder_ema.")}
+    assert raw.keys() == ema.keys()
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw), "EMA weights equal the raw weights"
+    model, _ = build_autoencoder(ckpt)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, ema[k])

@@ -7,6 +7,7 @@ Manual optimisation because the generator and the discriminator alternate with t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from ldm.losses.autoencoder import AutoencoderLoss
 from ldm.metrics.recon import psnr, ssim
+from ldm.models.ema import ema_decay_at, ema_update
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -26,6 +28,8 @@ class AutoencoderModule(pl.LightningModule):
         loss: ``AutoencoderLoss`` (owns discriminator, LPIPS and log-variance).
         optimizer: partial ``torch.optim`` constructor for the autoencoder (+ log-variance).
         disc_optimizer: partial constructor for the discriminator.
+        lr_scheduler: optional partial ``torch.optim.lr_scheduler`` applied to both optimizers, stepped once per
+            training step (generator update).
         base_learning_rate: if ``scale_lr``, lr = base × batch × devices × accumulation (LDM convention),
             else lr = base.
         batch_size: per-device batch size (for the LR scaling).
@@ -35,6 +39,8 @@ class AutoencoderModule(pl.LightningModule):
         seed: posterior sampling noise is a pure function of (seed, rank, step, batch), so a resumed run draws
             exactly the noise an uninterrupted run would have drawn.
         grid_images: how many validation images go into the input/reconstruction grid.
+        ema_decay: keep an EMA of the autoencoder weights (``autoencoder_ema``), used for validation, latent
+            statistics and everything built from the checkpoint. ``None``: off.
         latent_stats: set after training (scale and per-channel mean/std); stored in checkpoints.
     """
 
@@ -44,6 +50,7 @@ class AutoencoderModule(pl.LightningModule):
         loss: AutoencoderLoss,
         optimizer: Callable[..., torch.optim.Optimizer],
         disc_optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         base_learning_rate: float = 4.5e-6,
         scale_lr: bool = True,
         batch_size: int = 1,
@@ -52,6 +59,7 @@ class AutoencoderModule(pl.LightningModule):
         run_config: dict[str, Any] | None = None,
         seed: int = 0,
         grid_images: int = 8,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -59,6 +67,7 @@ class AutoencoderModule(pl.LightningModule):
         self.loss = loss
         self.optimizer_factory = optimizer
         self.disc_optimizer_factory = disc_optimizer
+        self.lr_scheduler_factory = lr_scheduler
         self.base_learning_rate = base_learning_rate
         self.scale_lr = scale_lr
         self.batch_size = batch_size
@@ -68,6 +77,8 @@ class AutoencoderModule(pl.LightningModule):
         self.seed = int(seed)
         self.grid_images = grid_images
         self.latent_stats: dict[str, Any] | None = None
+        self.ema_decay = ema_decay
+        self.autoencoder_ema = copy.deepcopy(autoencoder).requires_grad_(False) if ema_decay else None
         self._grid: tuple[Tensor, Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -82,7 +93,9 @@ class AutoencoderModule(pl.LightningModule):
         gen_params = list(self.autoencoder.parameters()) + [self.loss.logvar]
         opt_g = self.optimizer_factory(gen_params, lr=lr)
         opt_d = self.disc_optimizer_factory(self.loss.discriminator.parameters(), lr=lr)
-        return [opt_g, opt_d]
+        if self.lr_scheduler_factory is None:
+            return [opt_g, opt_d]
+        return [opt_g, opt_d], [self.lr_scheduler_factory(opt_g), self.lr_scheduler_factory(opt_d)]
 
     # ---------------------------------------------------------------------------------------------- train
     def _update(self, opt, loss: Tensor, do_step: bool, counts_as_step: bool = True) -> None:
@@ -121,6 +134,11 @@ class AutoencoderModule(pl.LightningModule):
         bar = {"rec_loss", "d_loss"}
         self.log_dict({f"train/{k}": v for k, v in logs.items() if k in bar}, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in logs.items() if k not in bar})
+        if do_step and self.autoencoder_ema is not None:
+            ema_update(self.autoencoder_ema, self.autoencoder, ema_decay_at(step, self.ema_decay))
+        if do_step and self.lr_scheduler_factory is not None:
+            for scheduler in self.lr_schedulers():
+                scheduler.step()
         if "n_bad" in batch:
             self.log("data/skipped", batch["n_bad"].sum().float(), reduce_fx="sum", on_step=False, on_epoch=True,
                      sync_dist=True)
@@ -128,8 +146,9 @@ class AutoencoderModule(pl.LightningModule):
     # ----------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x = batch["image"]
-        posterior = self.autoencoder.encode(x)
-        recon = self.autoencoder.decode(posterior.mode())
+        model = self.autoencoder_ema if self.autoencoder_ema is not None else self.autoencoder
+        posterior = model.encode(x)
+        recon = model.decode(posterior.mode())
         x32, r32 = x.float(), recon.float().clamp(-1, 1)
         metrics = {
             "val/rec_loss": (x32 - r32).abs().mean(),
@@ -138,8 +157,6 @@ class AutoencoderModule(pl.LightningModule):
         }
         if self.loss.perceptual is not None:
             metrics["val/lpips"] = self.loss.perceptual(x32, r32).float().mean()
-        else:  # keep the checkpoint monitor valid without LPIPS: fall back to L1
-            metrics["val/lpips"] = metrics["val/rec_loss"]
         self.log_dict(metrics, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
         if batch_idx == 0:
             n = min(self.grid_images, x.shape[0])

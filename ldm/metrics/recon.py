@@ -19,5 +19,10 @@ def psnr(x: Tensor, y: Tensor) -> Tensor:
 
 
 def ssim(x: Tensor, y: Tensor) -> Tensor:
-    """SSIM per image, ``[B]`` (Gaussian window 11, sigma 1.5, data range 1)."""
-    return structural_similarity_index_measure(to_unit(x), to_unit(y), data_range=1.0, reduction="none")
+    """SSIM per image, ``[B]`` (Gaussian window 11, sigma 1.5, data range 1).
+
+    Always in float32 with autocast off: SSIM's variances are differences of means of squares, which bf16
+    autocast (its Gaussian filter is a convolution) turns into noise, even negative SSIM.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return structural_similarity_index_measure(to_unit(x), to_unit(y), data_range=1.0, reduction="none")
