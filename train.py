@@ -25,9 +25,9 @@ from ldm.lit.callbacks import AtomicCheckpointIO
 log = logging.getLogger("ldm.train")
 
 
-def auto_precision() -> str:
+def auto_precision(accelerator: str = "auto") -> str:
     """bf16 autocast on GPUs that have it, fp16 autocast on older GPUs, fp32 on the CPU."""
-    if torch.cuda.is_available():
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
 
@@ -47,11 +47,17 @@ def check_config(cfg: DictConfig) -> None:
             f"(ch_mult={ch_mult}); use e.g. resolution={ok} or another autoencoder preset"
         )
     n_layers = int(cfg.loss.discriminator.get("n_layers", 3))
-    if res < 2 ** (n_layers + 2):
+    if res < 3 * 2**n_layers:  # NLayerDiscriminator.min_input_size
         problems.append(
-            f"resolution={res} is too small for a {n_layers}-layer PatchGAN (needs >= {2 ** (n_layers + 2)}); "
+            f"resolution={res} is too small for a {n_layers}-layer PatchGAN (needs >= {3 * 2**n_layers}); "
             f"lower loss.discriminator.n_layers"
         )
+    perceptual = cfg.loss.get("perceptual")
+    if perceptual is not None:
+        net = str(perceptual.get("net", "vgg"))
+        need = 31 if net.startswith("alex") else 16  # LPIPS backbones' smallest input
+        if res < need:
+            problems.append(f"resolution={res} is too small for LPIPS-{net} (needs >= {need})")
     if cfg.monitor == "val/lpips" and cfg.loss.get("perceptual") is None:
         problems.append("monitor=val/lpips needs an LPIPS net (loss.perceptual); set monitor=val/rec_loss")
     if int(cfg.batch_size) < 1:
@@ -82,7 +88,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     if cfg.trainer.precision == "auto":
         with open_dict(cfg):
-            cfg.trainer.precision = auto_precision()
+            cfg.trainer.precision = auto_precision(str(cfg.trainer.accelerator))
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)  # stored in every checkpoint

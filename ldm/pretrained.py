@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     fetch.add_argument("--force", action="store_true", help="convert again even if the cache has the files")
     export = sub.add_parser("export-lpips", help="write a compact copy of the backbones for LDM_CACHE_DIR")
     export.add_argument("--out", type=Path, required=True)
-    export.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16")
+    export.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     export.add_argument("--net", nargs="+", default=["vgg", "alex"], choices=sorted(_ALIASES))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

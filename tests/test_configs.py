@@ -46,6 +46,13 @@ def test_auto_precision_on_this_machine():
     expected = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if torch.cuda.is_available() \
         else "32-true"
     assert train.auto_precision() == expected
+    assert train.auto_precision("cpu") == "32-true"  # never autocast on the CPU unless asked
+
+
+def test_paper_recipes_validate_by_steps(tmp_path):
+    cfg = resolved(compose_train(["experiment=paper/kl_f8"], output_dir=tmp_path))
+    # an epoch of `shapes` at batch 12 is shorter than 5,000 steps: validation must count steps, not epochs
+    assert cfg["trainer"]["val_check_interval"] == 5000 and cfg["trainer"]["check_val_every_n_epoch"] is None
 
 
 def test_resolution_not_divisible_is_rejected(tmp_path):

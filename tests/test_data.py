@@ -550,3 +550,19 @@ def test_data_package_imports_no_lightning_or_hydra():
             "('lightning', 'pytorch_lightning', 'hydra', 'omegaconf')]; print(bad); assert not bad")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_shards_uneven_across_ranks_still_give_equal_batch_counts(tmp_path, monkeypatch):
+    """5 shards on 2 ranks (3 + 2) with 4 workers each: with an epoch size, every rank must yield the same
+    number of batches, or DDP hangs in the next all-reduce of the rank that still has data."""
+    ds = ShapesDataset(size=50, resolution=16)
+    write_shards((ds[i] for i in range(50)), str(tmp_path / "u-%06d.tar"), maxcount=10)
+    pattern = str(tmp_path / "u-{000000..000004}.tar")
+    counts = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        data = WebDatasetImages(pattern, resolution=16, epoch_size=100, shuffle_buffer=1)
+        loader = DataLoader(data, batch_size=12, num_workers=4, drop_last=True)
+        counts.append(sum(1 for _ in loader))
+    assert counts[0] == counts[1] > 0, counts

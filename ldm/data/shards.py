@@ -146,7 +146,10 @@ class WebDatasetImages(IterableDataset):
         if rank_shards == 0:
             raise ValueError(f"{len(self.urls)} shard(s) cannot be split across {world} ranks; write at least "
                              f"{world} shards (use a smaller --maxcount)")
-        active = min(n_workers, rank_shards)  # split_by_worker leaves workers beyond the shard count empty
+        # The same number of active workers on every rank (not this rank's own shard count): with equal
+        # per-worker quotas every rank then yields the same number of batches, which DDP needs (else a rank
+        # with fewer shards finishes early and the others hang in their next all-reduce).
+        active = min(n_workers, len(self.urls) // world)
         if worker >= active:
             return
         quota = None
@@ -160,7 +163,7 @@ class WebDatasetImages(IterableDataset):
         produced, passes = 0, 0
         while quota is None or produced < quota:
             got = 0
-            for sample in self._one_pass(base + passes, rank, world):
+            for sample in self._one_pass(base + passes, rank, world, worker, active):
                 yield sample
                 got += 1
                 produced += 1
@@ -174,15 +177,19 @@ class WebDatasetImages(IterableDataset):
             if quota is None:
                 return
 
-    def _one_pass(self, seed: int, rank: int, world: int) -> Iterator[dict]:
-        # Same slicing as webdataset's split_by_node, with the rank resolved above.
+    def _one_pass(self, seed: int, rank: int, world: int, worker: int, active: int) -> Iterator[dict]:
+        # Same slicing as webdataset's split_by_node / split_by_worker, with rank and active workers resolved
+        # above (a worker of a rank with more shards than `active` workers reads several shards).
         def split_by_rank(src: Iterable[dict]) -> Iterator[dict]:
             return itertools.islice(src, rank, None, world)
+
+        def split_by_active_worker(src: Iterable[dict]) -> Iterator[dict]:
+            return itertools.islice(src, worker, None, active)
 
         pipeline = wds.WebDataset(
             self.urls, handler=self._on_error, seed=seed % 2**63, empty_check=False,
             shardshuffle=len(self.urls) if self.training else False,
-            nodesplitter=split_by_rank, workersplitter=wds.split_by_worker,
+            nodesplitter=split_by_rank, workersplitter=split_by_active_worker,
         )
         if self.shuffle_buffer > 1:
             pipeline = pipeline.shuffle(self.shuffle_buffer, rng=random.Random(seed + 1))

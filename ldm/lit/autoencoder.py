@@ -101,13 +101,17 @@ class AutoencoderModule(pl.LightningModule):
     def _update(self, opt, loss: Tensor, do_step: bool, counts_as_step: bool = True) -> None:
         self.manual_backward(loss / self.accumulate)
         if do_step:
-            if self.gradient_clip_val:
-                self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
             if counts_as_step:
                 opt.step()
             else:
                 _step_without_counting(opt)
             opt.zero_grad(set_to_none=True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls this inside `opt.step()` after AMP has unscaled the gradients (16-mixed), so the
+        # threshold is in true gradient units; clipping before `opt.step()` would see loss-scaled gradients.
+        if self.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()

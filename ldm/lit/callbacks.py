@@ -71,10 +71,10 @@ class RankConsistencyCheck(pl.Callback):
             self.dirpath.mkdir(parents=True, exist_ok=True)
             per_rank = [{"sum": float(g[0].sum()), "sumsq": float(g[1].sum())} for g in gathered.cpu()]
             (self.dirpath / "rank_checksums.json").write_text(json.dumps(per_rank, indent=2))
-            ref = gathered[0]
-            bad = [r for r in range(1, gathered.shape[0]) if not torch.equal(gathered[r], ref)]
-            if bad:
-                raise RuntimeError(f"DDP ranks {bad} hold different parameters than rank 0 after training")
+        # every rank sees the gathered sums, so all raise together instead of leaving some in a barrier
+        bad = [r for r in range(1, gathered.shape[0]) if not torch.equal(gathered[r], gathered[0])]
+        if bad:
+            raise RuntimeError(f"DDP ranks {bad} hold different parameters than rank 0 after training")
 
 
 class Throughput(pl.Callback):

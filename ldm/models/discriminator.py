@@ -33,8 +33,15 @@ class ActNorm(nn.Module):
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
         flat = x.detach().float().transpose(0, 1).reshape(x.shape[1], -1)  # [C, B*H*W]
-        mean = flat.mean(dim=1).view(1, -1, 1, 1)
-        std = flat.std(dim=1).view(1, -1, 1, 1)
+        mean = flat.mean(dim=1)
+        sq = flat.pow(2).mean(dim=1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every DDP rank must start from the same parameters: average the first-batch moments
+            moments = torch.stack([mean, sq])
+            torch.distributed.all_reduce(moments)
+            mean, sq = moments / torch.distributed.get_world_size()
+        std = (sq - mean.pow(2)).clamp_min(0).sqrt().view(1, -1, 1, 1)
+        mean = mean.view(1, -1, 1, 1)
         self.loc.copy_(-mean)
         self.scale.copy_(1.0 / (std + 1e-6))
         self.initialized.fill_(1)
