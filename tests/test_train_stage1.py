@@ -38,7 +38,8 @@ def test_fast_dev_run(tmp_path):
 
 
 def test_short_run_writes_checkpoints_grid_and_latent_stats(tmp_path):
-    cfg = compose_train(TINY_RUN + ["trainer.max_steps=12", "loss.disc_start=3", "logger=many"],
+    cfg = compose_train(TINY_RUN + ["trainer.max_steps=12", "loss.disc_start=3", "logger=many",
+                                    "module.gradient_clip_val=0.5"],
                         output_dir=tmp_path)
     train.train(cfg)
     ckpts = sorted((tmp_path / "checkpoints").glob("*.ckpt"))
