@@ -21,6 +21,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.checkpoint import add_latent_stats
 from ldm.lit.callbacks import AtomicCheckpointIO
+from ldm.losses.lpips import lpips_min_input_size
+from ldm.models.discriminator import patchgan_min_input_size
 
 log = logging.getLogger("ldm.train")
 
@@ -47,18 +49,17 @@ def check_config(cfg: DictConfig) -> None:
             f"(ch_mult={ch_mult}); use e.g. resolution={ok} or another autoencoder preset"
         )
     n_layers = int(cfg.loss.discriminator.get("n_layers", 3))
-    if res < 3 * 2**n_layers:  # NLayerDiscriminator.min_input_size
+    if res < patchgan_min_input_size(n_layers):
         problems.append(
-            f"resolution={res} is too small for a {n_layers}-layer PatchGAN (needs >= {3 * 2**n_layers}); "
-            f"lower loss.discriminator.n_layers"
+            f"resolution={res} is too small for a {n_layers}-layer PatchGAN (needs >= "
+            f"{patchgan_min_input_size(n_layers)}); lower loss.discriminator.n_layers"
         )
     perceptual = cfg.loss.get("perceptual")
     if perceptual is not None:
         net = str(perceptual.get("net", "vgg"))
-        need = 31 if net.startswith("alex") else 16  # LPIPS backbones' smallest input
-        if res < need:
-            problems.append(f"resolution={res} is too small for LPIPS-{net} (needs >= {need})")
-    if cfg.monitor == "val/lpips" and cfg.loss.get("perceptual") is None:
+        if res < lpips_min_input_size(net):
+            problems.append(f"resolution={res} is too small for LPIPS-{net} (needs >= {lpips_min_input_size(net)})")
+    if cfg.monitor == "val/lpips" and perceptual is None:
         problems.append("monitor=val/lpips needs an LPIPS net (loss.perceptual); set monitor=val/rec_loss")
     if int(cfg.batch_size) < 1:
         problems.append(f"batch_size={cfg.batch_size} must be >= 1")

@@ -30,6 +30,11 @@ def _train_losses(run_dir: Path) -> dict[int, float]:
     return {int(r["step"]): float(r["train/rec_loss"]) for r in _metrics(run_dir) if r.get("train/rec_loss")}
 
 
+def _run_cli(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 def test_fast_dev_run(tmp_path):
     cfg = compose_train(TINY_RUN + ["debug=fdr", "loss.disc_start=0"], output_dir=tmp_path)
     metrics = train.train(cfg)
@@ -93,10 +98,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_keep_identical_parameters(tmp_path):
-    cmd = [sys.executable, "train.py", "debug=ddp_cpu", *TINY_RUN, "trainer.max_steps=8", "loss.disc_start=2",
-           f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _run_cli("debug=ddp_cpu", *TINY_RUN, "trainer.max_steps=8", "loss.disc_start=2", f"hydra.run.dir={tmp_path}")
     sums = json.loads((tmp_path / "rank_checksums.json").read_text())
     assert len(sums) == 2
     assert sums[0] == sums[1]
@@ -160,10 +162,7 @@ def test_wandb_offline_logger(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_multirun_sweep(tmp_path):
-    cmd = [sys.executable, "train.py", "-m", *TINY_RUN, "debug=fdr", "loss.kl_weight=1e-6,1e-5",
-           f"hydra.sweep.dir={tmp_path}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _run_cli("-m", *TINY_RUN, "debug=fdr", "loss.kl_weight=1e-6,1e-5", f"hydra.sweep.dir={tmp_path}")
     cfgs = sorted(tmp_path.glob("*/.hydra/config.yaml"))
     assert len(cfgs) == 2
     assert "1.0e-05" in cfgs[1].read_text() or "1e-05" in cfgs[1].read_text()

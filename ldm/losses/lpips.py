@@ -58,6 +58,11 @@ _NETS = {
 }
 
 
+def lpips_min_input_size(net: str) -> int:
+    """Smallest image side LPIPS with backbone ``net`` ("vgg"/"alex" or their long names) accepts."""
+    return _NETS[canonical_net(net)][3]
+
+
 def _unit_channels(f: Tensor, eps: float = 1e-10) -> Tensor:
     # lpips.normalize_tensor: eps is added to the norm, not inside the sqrt.
     return f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)

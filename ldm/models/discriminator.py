@@ -74,6 +74,11 @@ def init_patchgan_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def patchgan_min_input_size(n_layers: int) -> int:
+    """Smallest image side for which an ``n_layers`` PatchGAN still yields a 1x1 logit map."""
+    return 3 * 2**n_layers
+
+
 class NLayerDiscriminator(nn.Module):
     """PatchGAN: ``[B, in_channels, H, W]`` (images in [-1, 1]) -> logits ``[B, 1, h, w]``.
 
@@ -117,7 +122,7 @@ class NLayerDiscriminator(nn.Module):
     @property
     def min_input_size(self) -> int:
         """Smallest height/width that still yields a 1x1 logit map."""
-        return 3 * 2**self.n_layers
+        return patchgan_min_input_size(self.n_layers)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
