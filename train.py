@@ -3,13 +3,16 @@
     python train.py                                   # stage 1 quickstart: tiny KL-VAE on `shapes`, CPU or GPU
     python train.py experiment=paper/kl_f8 trainer=ddp  # the paper's KL-f8 autoencoder on every GPU
     python train.py run_name=exp1 resume=auto         # continue outputs/autoencoder/exp1 where it stopped
+    python train.py stage=ldm autoencoder_ckpt=outputs/autoencoder/exp1/checkpoints/last.ckpt   # stage 2
 
-Reads top to bottom: check the config, build data / model / loss / trainer, fit, then store the latent
-statistics in the checkpoints for stage 2.
+Reads top to bottom: check the config, build data / model / loss for the stage, fit, then (stage 1) store the
+latent statistics in the checkpoints for stage 2.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -19,7 +22,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ldm.checkpoint import add_latent_stats
+from ldm.cache import build_cache
+from ldm.checkpoint import add_latent_stats, build_autoencoder, load_checkpoint
+from ldm.data.latents import autoencoder_identity, check_cache_compatible, read_manifest
 from ldm.lit.callbacks import AtomicCheckpointIO
 from ldm.losses.lpips import lpips_min_input_size
 from ldm.models.discriminator import patchgan_min_input_size
@@ -37,8 +42,36 @@ def auto_precision(accelerator: str = "auto") -> str:
 def check_config(cfg: DictConfig) -> None:
     """Reject impossible settings before any work starts, naming the key and the fix."""
     problems = []
-    if cfg.stage_name != "autoencoder":
-        problems.append(f"stage {cfg.stage_name!r} is not available yet; use stage=autoencoder")
+    if cfg.stage_name == "ldm":
+        problems += _ldm_problems(cfg)
+    else:
+        problems += _autoencoder_problems(cfg)
+    if int(cfg.batch_size) < 1:
+        problems.append(f"batch_size={cfg.batch_size} must be >= 1")
+    if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
+        problems.append("trainer asks for GPUs but CUDA is not available; use trainer=cpu (or trainer=default)")
+    if cfg.resume not in (None, "auto"):
+        problems.append(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file> for a given checkpoint")
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        problems.append(f"ckpt_path={cfg.ckpt_path} does not exist")
+    if problems:
+        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _ldm_problems(cfg: DictConfig) -> list[str]:
+    problems = []
+    if OmegaConf.is_missing(cfg, "autoencoder_ckpt"):
+        problems.append("stage=ldm needs the stage-1 checkpoint: autoencoder_ckpt=outputs/autoencoder/<run>/"
+                        "checkpoints/last.ckpt (train one with `python train.py`)")
+    elif not Path(cfg.autoencoder_ckpt).is_file():
+        problems.append(f"autoencoder_ckpt={cfg.autoencoder_ckpt} does not exist")
+    if cfg.latent_norm not in ("scale", "channel"):
+        problems.append(f"latent_norm={cfg.latent_norm!r}: use scale or channel")
+    return problems
+
+
+def _autoencoder_problems(cfg: DictConfig) -> list[str]:
+    problems = []
     ch_mult = list(cfg.autoencoder.get("ch_mult", [1]))
     factor = 2 ** (len(ch_mult) - 1)
     res = int(cfg.resolution)
@@ -61,16 +94,7 @@ def check_config(cfg: DictConfig) -> None:
             problems.append(f"resolution={res} is too small for LPIPS-{net} (needs >= {lpips_min_input_size(net)})")
     if cfg.monitor == "val/lpips" and perceptual is None:
         problems.append("monitor=val/lpips needs an LPIPS net (loss.perceptual); set monitor=val/rec_loss")
-    if int(cfg.batch_size) < 1:
-        problems.append(f"batch_size={cfg.batch_size} must be >= 1")
-    if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
-        problems.append("trainer asks for GPUs but CUDA is not available; use trainer=cpu (or trainer=default)")
-    if cfg.resume not in (None, "auto"):
-        problems.append(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file> for a given checkpoint")
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
-        problems.append(f"ckpt_path={cfg.ckpt_path} does not exist")
-    if problems:
-        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return problems
 
 
 def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -94,11 +118,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(cfg.paths.output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)  # stored in every checkpoint
 
-    data = instantiate(cfg.data)
-    autoencoder = instantiate(cfg.autoencoder)
-    loss = instantiate(cfg.loss)
-    # partial first: the stored run config holds `_target_`s that Hydra must not build
-    module = instantiate(cfg.module, _partial_=True)(autoencoder=autoencoder, loss=loss, run_config=config)
+    build = build_ldm_stage if cfg.stage_name == "ldm" else build_autoencoder_stage
+    module, data = build(cfg, config)
 
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
@@ -118,9 +139,59 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # Lightning saves `last.ckpt` after validations; a run that stops on max_steps between two
         # validations would lose its final steps. Save the final state explicitly (all ranks must call this).
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and cfg.stage_name == "autoencoder":
             write_latent_stats(cfg, trainer, data, run_dir)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def build_autoencoder_stage(cfg: DictConfig, config: dict):
+    data = instantiate(cfg.data)
+    autoencoder = instantiate(cfg.autoencoder)
+    loss = instantiate(cfg.loss)
+    # partial first: the stored run config holds `_target_`s that Hydra must not build
+    module = instantiate(cfg.module, _partial_=True)(autoencoder=autoencoder, loss=loss, run_config=config)
+    return module, data
+
+
+def build_ldm_stage(cfg: DictConfig, config: dict):
+    """Frozen autoencoder from its checkpoint, the latent cache (built here when missing), U-Net, condition."""
+    ae_ckpt = load_checkpoint(cfg.autoencoder_ckpt)
+    if ae_ckpt["ldm"]["stage"] != "autoencoder":
+        raise ValueError(f"autoencoder_ckpt={cfg.autoencoder_ckpt} is a {ae_ckpt['ldm']['stage']!r} checkpoint; "
+                         "stage 2 needs a stage-1 (autoencoder) checkpoint")
+    autoencoder, stats = build_autoencoder(ae_ckpt)
+    identity = autoencoder_identity(autoencoder)
+    text_encoder = instantiate(cfg.text_encoder)
+    cache_dir = Path(cfg.cache_dir or default_cache_dir(cfg, identity))
+    if not (cache_dir / "manifest.json").is_file():
+        log.info("no latent cache in %s: building it now (python -m ldm.cache does this on its own)", cache_dir)
+        build_cache(cfg.autoencoder_ckpt, instantiate(cfg.data), cache_dir, **cfg.cache)
+    data = instantiate(cfg.latent_data, path=str(cache_dir))
+    manifest = read_manifest(cache_dir)
+    latent_shape = tuple(manifest["latent_shape"])
+    check_cache_compatible(manifest, identity, latent_shape=None, stats=stats, text_encoder=text_encoder)
+    unet = instantiate(cfg.unet)
+    if unet.in_channels != latent_shape[0]:
+        raise ValueError(f"unet.in_channels={unet.in_channels} but the autoencoder's latents have "
+                         f"{latent_shape[0]} channels; set unet.in_channels={latent_shape[0]} unet.out_channels="
+                         f"{latent_shape[0]}")
+    meta = {"autoencoder": {"ckpt_path": str(cfg.autoencoder_ckpt), "identity": identity,
+                            "config": ae_ckpt["ldm"]["config"]["autoencoder"]},
+            "cache": {"path": str(cache_dir), "created": manifest.get("created")}}
+    module = instantiate(cfg.module, _partial_=True)(
+        unet=unet, text_encoder=text_encoder, autoencoder=autoencoder, loss=instantiate(cfg.loss),
+        latent_stats=stats, latent_shape=latent_shape, run_config=config, meta=meta,
+    )
+    return module, data
+
+
+def default_cache_dir(cfg: DictConfig, identity: str) -> Path:
+    """``<paths.latent_cache_root>/<dataset>-<res>px-<autoencoder sha[:12]>-<data config sha[:8]>``: a new
+    autoencoder, resolution or data setting gets its own cache, and the same ones reuse it."""
+    dataset = OmegaConf.to_container(cfg.data, resolve=True).get("dataset", {})  # what decides the images
+    name = str(dataset.get("_target_", "data")).rsplit(".", 1)[-1].lower().removesuffix("dataset")
+    data_sha = hashlib.sha256(json.dumps(dataset, sort_keys=True).encode()).hexdigest()[:8]
+    return Path(cfg.paths.latent_cache_root) / f"{name or 'data'}-{cfg.resolution}px-{identity[:12]}-{data_sha}"
 
 
 def write_latent_stats(cfg: DictConfig, trainer: pl.Trainer, data, run_dir: Path) -> None:

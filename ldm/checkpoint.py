@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.generate import LatentDiffusion
 from ldm.models.latent_stats import latent_statistics
 
 # Only classes/functions from these packages may be named by a checkpoint's `_target_`.
@@ -105,3 +106,41 @@ def add_latent_stats(
     ckpt["ldm"]["latent_stats"] = stats
     atomic_torch_save(ckpt, path)
     return stats
+
+
+def build_latent_diffusion(ckpt: str | os.PathLike | dict[str, Any], use_ema: bool = True) -> LatentDiffusion:
+    """Everything ``generate`` needs (U-Net, condition encoder, autoencoder, schedule, latent statistics) from a
+    stage-2 checkpoint alone, in eval mode on the CPU. ``use_ema``: the U-Net's EMA weights when stored."""
+    source = ckpt if isinstance(ckpt, dict) else str(ckpt)
+    ckpt = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt)
+    meta, state = ckpt["ldm"], ckpt["state_dict"]
+    if meta["stage"] != "ldm":
+        raise ValueError(f"{source if isinstance(source, str) else 'this checkpoint'} is a {meta['stage']!r} "
+                         "checkpoint; sampling needs a stage-2 checkpoint (train.py stage=ldm writes one)")
+    config = meta["config"]
+
+    unet = instantiate(config["unet"])
+    unet_state = (use_ema and submodule_state(state, "unet_ema")) or submodule_state(state, "unet")
+    unet.load_state_dict(unet_state, strict=True)
+
+    text_encoder = instantiate(config["text_encoder"])
+    text_state = submodule_state(state, "text_encoder")
+    if text_state:  # trained with the U-Net
+        text_encoder.load_state_dict(text_state, strict=True)
+    elif text_encoder.identity() != meta.get("text_encoder"):
+        raise ValueError(f"the frozen text encoder built here, {text_encoder.identity()}, is not the one this "
+                         f"model was trained with, {meta.get('text_encoder')}; install the same weights")
+
+    autoencoder = instantiate(meta["autoencoder"]["config"])
+    ae_state = submodule_state(state, "autoencoder")
+    if not ae_state:
+        raise ValueError("this stage-2 checkpoint holds no autoencoder weights (keys 'autoencoder.*'); it was "
+                         "written by another tool or edited. Re-export it from the training run's last.ckpt")
+    autoencoder.load_state_dict(ae_state, strict=True)
+
+    loss = instantiate(config["loss"])
+    return LatentDiffusion(
+        unet=unet.eval(), text_encoder=text_encoder.eval(), autoencoder=autoencoder.eval(),
+        alphas_cumprod=loss.alphas_cumprod.clone(), objective=loss.objective, latent_stats=meta["latent_stats"],
+        latent_norm=meta["latent_norm"], latent_shape=tuple(meta["latent_shape"]),
+    )

@@ -20,3 +20,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def stage1_ckpt(tmp_path_factory) -> Path:
+    """A real stage-1 checkpoint of the tiny autoencoder at 32 px (tests/stage2_fixtures.py), made once per session."""
+    from stage2_fixtures import make_stage1_checkpoint
+
+    return make_stage1_checkpoint(tmp_path_factory.mktemp("stage1") / "last.ckpt", resolution=32)

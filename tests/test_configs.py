@@ -22,14 +22,60 @@ def _options(group: str) -> list[str]:
     return sorted(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml"))
 
 
+# groups (and experiments) that belong to stage 2; everything else is composed with the default stage 1
+LDM_GROUPS = ["unet", "text_encoder", "sampler"]
+LDM_EXPERIMENTS = {"quickstart/ldm"}
+
+
+def _stage_of(group: str, option: str) -> str:
+    return "ldm" if group in LDM_GROUPS or (group == "experiment" and option in LDM_EXPERIMENTS) else "autoencoder"
+
+
 @pytest.mark.parametrize(
-    "override", [f"{g}={o}" for g in GROUPS for o in _options(g)], ids=lambda s: s.replace("/", "-")
+    "group,option",
+    [(g, o) for g in GROUPS + LDM_GROUPS for o in _options(g)],
+    ids=lambda s: s.replace("/", "-"),
 )
-def test_every_config_composes_and_resolves(override, tmp_path):
-    cfg = compose_train([override], output_dir=tmp_path)
+def test_every_config_composes_and_resolves(group, option, tmp_path):
+    stage = _stage_of(group, option)
+    key = "sampler@sampling" if group == "sampler" else group
+    overrides = [f"{key}={option}"] + ([f"stage={stage}"] if group != "stage" else [])
+    if group == "stage":
+        stage = option
+    cfg = compose_train(overrides, output_dir=tmp_path)
     out = resolved(cfg)
-    assert out["stage_name"] == "autoencoder"
+    assert out["stage_name"] == stage
     assert out["trainer"]["_target_"] == "pytorch_lightning.Trainer"
+    if stage == "ldm":  # the U-Net's cross-attention width follows the condition encoder
+        assert out["unet"]["context_dim"] == out["text_encoder"]["context_dim"]
+
+
+def test_default_ldm_run_is_the_stage2_quickstart(tmp_path):
+    cfg = resolved(compose_train(["stage=ldm"], output_dir=tmp_path))
+    assert cfg["module"]["_target_"] == "ldm.lit.ldm.LatentDiffusionModule"
+    assert cfg["loss"]["schedule"] == "linear" and cfg["loss"]["num_timesteps"] == 1000
+    assert cfg["monitor"] == "val/loss" and cfg["resolution"] == 32
+    assert cfg["autoencoder_ckpt"] == "???"
+
+
+def test_sample_config_composes(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for sampler in _options("sampler"):
+            cfg = compose("sample", overrides=[f"sampler={sampler}", "ckpt=x.ckpt", "prompts=a red circle"])
+            assert cfg.sampler.name == sampler and cfg.sampler.steps > 0 and cfg.prompts == "a red circle"
+
+
+def test_missing_stage1_checkpoint_is_named(tmp_path):
+    cfg = compose_train(["stage=ldm"], output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"stage=ldm needs the stage-1 checkpoint: autoencoder_ckpt="):
+        train.check_config(cfg)
+    cfg = compose_train(["stage=ldm", f"autoencoder_ckpt={tmp_path}/nope.ckpt"], output_dir=tmp_path)
+    with pytest.raises(ValueError, match="nope.ckpt does not exist"):
+        train.check_config(cfg)
 
 
 def test_default_run_is_the_cpu_quickstart(tmp_path):

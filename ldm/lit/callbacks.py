@@ -43,6 +43,44 @@ class ReconstructionGrid(pl.Callback):
         log_image(trainer, "val/reconstructions", grid, trainer.global_step, caption="top: inputs, bottom: reconstructions")
 
 
+class SampleGrid(pl.Callback):
+    """Every ``every_n_steps`` training steps (and at the end of training), sample ``images_per_prompt`` images
+    for each of a fixed list of prompts with the EMA U-Net, and save them as a grid (one row per prompt) in
+    ``<run_dir>/images/samples_stepNNNNNNN.png`` and to the logger. Same seed at every call, so successive grids
+    show how the same noise is denoised as training goes on."""
+
+    def __init__(self, dirpath: str, prompts: list[str], every_n_steps: int = 1000, images_per_prompt: int = 4,
+                 sampler: str = "dpmpp_2m", steps: int = 25, cfg_scale: float = 3.0, seed: int = 0) -> None:
+        if not prompts:
+            raise ValueError("SampleGrid needs at least one prompt (callbacks.sample_grid.prompts)")
+        self.dirpath = Path(dirpath)
+        self.prompts = list(prompts)
+        self.every_n_steps = int(every_n_steps)
+        self.images_per_prompt = int(images_per_prompt)
+        self.sampler, self.steps, self.cfg_scale, self.seed = sampler, int(steps), float(cfg_scale), int(seed)
+        self._last_step = -1
+
+    def _grid(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or step == self._last_step:
+            return
+        self._last_step = step
+        prompts = [p for p in self.prompts for _ in range(self.images_per_prompt)]
+        images = pl_module.sample_images(prompts, self.sampler, self.steps, self.cfg_scale, self.seed)
+        grid = make_grid(images.cpu(), nrow=self.images_per_prompt, normalize=True, value_range=(-1, 1))
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        save_image(grid, self.dirpath / f"samples_step{step:07d}.png")
+        (self.dirpath / "prompts.txt").write_text("\n".join(self.prompts) + "\n")
+        log_image(trainer, "samples", grid, step, caption=" | ".join(self.prompts))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
+            self._grid(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._grid(trainer, pl_module)
+
+
 def log_image(trainer: pl.Trainer, key: str, grid: torch.Tensor, step: int, caption: str = "") -> None:
     """Send a [3,H,W] image in [0,1] to every logger that can show images."""
     for logger in trainer.loggers:
@@ -109,7 +147,8 @@ class Throughput(pl.Callback):
             return
         if self._t0 is None:
             return
-        self._images += batch["image"].shape[0] * trainer.world_size
+        images = batch["image"] if "image" in batch else batch["mean"]  # stage 1 images / stage 2 latents
+        self._images += images.shape[0] * trainer.world_size
         if self._batches % self.log_every == 0:
             pl_module.log("perf/images_per_s", self._images / (self._now(pl_module) - self._t0), rank_zero_only=True)
 

@@ -1,0 +1,465 @@
+"""Cached latents for stage 2: posterior sampling, normalisation, and the datasets that read a latent cache.
+
+A cache (written by ``python -m ldm.cache``, see ``ldm/cache.py``) is a folder with ``manifest.json`` and
+``<split>/shard-NNNNNN.tar`` webdataset shards. A sample ``<key>`` holds ``<key>.mean.npy`` and
+``<key>.logvar.npy`` (the posterior q(z|x) of the frozen autoencoder, [C, h, w], float16 or float32),
+``<key>.json`` ({"caption", "attributes" (JSON text), "key" (the dataset's own key), optional "label"}) and,
+when a frozen text encoder was cached, ``<key>.context.npy`` [L, D] and ``<key>.context_mask.npy`` [L] (bool).
+
+Storing the posterior rather than one sample lets training draw a fresh z ~ q(z|x) every time an image is seen
+(as EDM2, Karras et al. 2024, App. C), and the stored latent statistics normalise z in one place
+(``normalize_latents``; Rombach et al. 2022, Sec. 4.3.2: rescale by 1/sigma).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
+
+from ldm.data.common import stable_hash
+from ldm.data.datamodules import EpochShuffleSampler
+from ldm.models.distributions import LOGVAR_MAX, LOGVAR_MIN
+
+CACHE_FORMAT = "ldm-latent-cache"
+CACHE_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+NORM_MODES = ("scale", "channel")
+_LIST_FIELDS = ("caption", "attributes", "key")
+
+
+# ------------------------------------------------------------------------------------- sampling & norm
+
+def sample_posterior(mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """z = mean + exp(logvar / 2) * eps, eps ~ N(0, I): a draw from the cached diagonal Gaussian q(z|x).
+
+    ``mean``, ``logvar``: [..., C, h, w] float (same shape). logvar is clamped to the range
+    ``DiagonalGaussianDistribution`` uses, so stage 1 and stage 2 sample the same distribution.
+    ``generator`` must be on the tensors' device. Returns z of the shape and dtype of ``mean``.
+    """
+    if mean.shape != logvar.shape:
+        raise ValueError(f"mean {tuple(mean.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
+    if generator is not None and generator.device.type != mean.device.type:
+        raise ValueError(f"generator is on {generator.device} but the latents are on {mean.device}; "
+                         f"create it with torch.Generator(device={str(mean.device)!r})")
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)) * eps
+
+
+def _norm_params(z: Tensor, stats: Mapping[str, Any], mode: str) -> tuple[Tensor | float, Tensor | float]:
+    """(offset, multiplier) so that normalised = (z - offset) * multiplier."""
+    if mode == "scale":
+        return float(stats["shift"]), float(stats["scale"])
+    if mode == "channel":
+        mean = torch.as_tensor(stats["mean"], dtype=z.dtype, device=z.device)
+        std = torch.as_tensor(stats["std"], dtype=z.dtype, device=z.device)
+        if z.ndim < 3 or z.shape[-3] != mean.numel():
+            raise ValueError(f"latents {tuple(z.shape)} do not have {mean.numel()} channels at dim -3, as the "
+                             "latent statistics do")
+        return mean.view(-1, 1, 1), 1.0 / std.view(-1, 1, 1)
+    raise ValueError(f"latent normalisation mode {mode!r} is not supported; choose one of {list(NORM_MODES)}")
+
+
+def normalize_latents(z: Tensor, stats: Mapping[str, Any], mode: str = "scale") -> Tensor:
+    """Autoencoder latents -> the roughly unit-variance space diffusion runs in.
+
+    ``z``: [..., C, h, w]; ``stats``: ``ldm.models.latent_stats.latent_statistics`` output.
+    ``"scale"``: (z - shift) * scale, the paper's global 1/sigma rescaling (Rombach et al. 2022, Sec. 4.3.2);
+    ``"channel"``: (z - mean_c) / std_c per channel (EDM2).
+    """
+    offset, mult = _norm_params(z, stats, mode)
+    return (z - offset) * mult
+
+
+def denormalize_latents(z: Tensor, stats: Mapping[str, Any], mode: str = "scale") -> Tensor:
+    """Inverse of ``normalize_latents`` (diffusion space -> latents the decoder takes)."""
+    offset, mult = _norm_params(z, stats, mode)
+    return z / mult + offset
+
+
+# -------------------------------------------------------------------------------- identity & manifest
+
+def autoencoder_identity(model: nn.Module) -> str:
+    """sha256 (hex) over the state dict, keys sorted: name, dtype, shape and raw bytes of every tensor.
+
+    Two autoencoders with equal identity produce bit-identical latents on the same hardware, so a cache
+    made with one can train a model that decodes with the other.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of the cache folder ``path`` (or of the manifest file itself)."""
+    path = Path(path)
+    file = path if path.name == MANIFEST_NAME else path / MANIFEST_NAME
+    if not file.is_file():
+        hint = (" Its shards are there, so a cache run was interrupted: rerun the same command to finish it."
+                if any(path.glob("*/shard-*.tar")) else "")
+        raise FileNotFoundError(
+            f"{path} is not a latent cache (no {MANIFEST_NAME}).{hint} Build one with "
+            f"`python -m ldm.cache ckpt=<stage-1 checkpoint> out_dir={path}`.")
+    manifest = json.loads(file.read_text())
+    if manifest.get("format") != CACHE_FORMAT or manifest.get("version") != CACHE_VERSION:
+        raise ValueError(f"{file} is not an {CACHE_FORMAT} manifest of version {CACHE_VERSION} "
+                         f"(format={manifest.get('format')!r}, version={manifest.get('version')!r}); rebuild it")
+    return manifest
+
+
+def _stats_differ(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    keys = ("scale", "shift", "mean", "std")
+    out = []
+    for k in keys:
+        x, y = np.atleast_1d(np.asarray(a.get(k), dtype=float)), np.atleast_1d(np.asarray(b.get(k), dtype=float))
+        if x.shape != y.shape or not np.allclose(x, y, rtol=1e-6, atol=0.0):
+            out.append(f"{k}: cache {a.get(k)} vs autoencoder {b.get(k)}")
+    return out
+
+
+def check_cache_compatible(manifest: Mapping[str, Any], identity: str | None = None,
+                           latent_shape: Sequence[int] | None = None, stats: Mapping[str, Any] | None = None,
+                           text_encoder: nn.Module | Mapping[str, Any] | None = None) -> None:
+    """Refuse a cache that does not belong to the configured autoencoder (and frozen text encoder).
+
+    Args (each None = not checked):
+        identity: ``autoencoder_identity`` of the configured autoencoder.
+        latent_shape: expected (C, h, w) of a latent.
+        stats: the autoencoder's latent statistics (from its checkpoint).
+        text_encoder: the condition encoder (or its ``identity()`` dict). Only compared when the cache holds
+            embeddings and the encoder is frozen: a trainable encoder ignores cached embeddings.
+    Raises ValueError naming the cached and the configured value.
+    """
+    source = manifest.get("autoencoder", {}).get("ckpt_path")
+    problems = []
+    cached_id = manifest.get("autoencoder", {}).get("identity")
+    if identity is not None and cached_id != identity:
+        problems.append(f"autoencoder identity: cache {cached_id} (from {source}) vs configured {identity}")
+    if latent_shape is not None and list(manifest.get("latent_shape", [])) != [int(s) for s in latent_shape]:
+        problems.append(f"latent shape: cache {manifest.get('latent_shape')} vs configured {list(latent_shape)}")
+    if stats is not None:
+        problems += [f"latent statistics {p}" for p in _stats_differ(manifest.get("latent_stats") or {}, stats)]
+    cached_text = (manifest.get("text_encoder") or {}).get("identity")
+    if text_encoder is not None and cached_text is not None:
+        frozen = isinstance(text_encoder, Mapping) or not getattr(text_encoder, "trainable", False)
+        wanted = dict(text_encoder) if isinstance(text_encoder, Mapping) else text_encoder.identity()
+        if frozen and wanted != cached_text:
+            problems.append(f"text encoder: cache {cached_text} vs configured {wanted}")
+    if problems:
+        raise ValueError("the latent cache does not match the configured model:\n  - " + "\n  - ".join(problems)
+                         + "\nRebuild the cache for this autoencoder (python -m ldm.cache ... overwrite=true) or "
+                           "point at the cache that was made with it.")
+
+
+def split_info(manifest: Mapping[str, Any], split: str) -> dict[str, Any]:
+    """The manifest entry of ``split`` ({"num_samples", "shards": [{"name", "num_samples", "bytes"}], ...})."""
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise ValueError(f"the latent cache has no {split!r} split (it has {sorted(splits)}); rebuild it with "
+                         f"splits=[{', '.join(sorted(set(splits) | {split}))}]")
+    return splits[split]
+
+
+# --------------------------------------------------------------------------------------- sample codec
+
+def encode_array(array: np.ndarray) -> bytes:
+    """A numpy array as .npy bytes (shape and dtype in the header, no pickle)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_array(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def decode_sample(raw: Mapping[str, Any], float32: bool = True) -> dict[str, Any]:
+    """A raw webdataset sample of a cache shard -> the sample dict (see the module docstring).
+
+    ``float32=False`` keeps the stored dtype (for holding a whole split in memory)."""
+    def tensor(name: str, dtype: Any) -> Tensor:
+        arr = decode_array(raw[name])
+        return torch.from_numpy(arr.astype(dtype if dtype is not None else arr.dtype))  # astype: a writable copy
+
+    floats = np.float32 if float32 else None
+    meta = json.loads(raw["json"])
+    out = {"mean": tensor("mean.npy", floats), "logvar": tensor("logvar.npy", floats),
+           "caption": meta["caption"], "attributes": meta["attributes"], "key": meta["key"]}
+    if "label" in meta:
+        out["label"] = int(meta["label"])
+    if "context.npy" in raw:
+        out["context"] = tensor("context.npy", floats)
+        out["context_mask"] = tensor("context_mask.npy", bool)
+    return out
+
+
+def collate_latents(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack tensors (label -> LongTensor [B]); caption, attributes and key stay lists of str."""
+    batch = {k: [s[k] for s in samples] for k in _LIST_FIELDS}
+    batch.update(default_collate([{k: v for k, v in s.items() if k not in _LIST_FIELDS} for s in samples]))
+    return batch
+
+
+def _all(src):  # webdataset node/worker splitter that keeps everything (we split ourselves)
+    return src
+
+
+def _iter_shards(urls: Sequence[str], float32: bool = True) -> Iterator[dict]:
+    """Every sample of ``urls``, in order, decoded."""
+    pipeline = wds.WebDataset(list(urls), shardshuffle=False, empty_check=False, nodesplitter=_all,
+                              workersplitter=_all)
+    return (decode_sample(raw, float32) for raw in pipeline)
+
+
+def _buffer_shuffle(items: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Shuffle a stream through a buffer of ``size`` samples (as webdataset's ``shuffle``); size <= 1: as is."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list[dict] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = rng.randrange(size)
+        yield buf[j]
+        buf[j] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+# ------------------------------------------------------------------------------------------- datasets
+
+class LatentShardDataset(IterableDataset):
+    """Streams one split of a latent cache (see the module docstring), decoded to float32 tensors.
+
+    Splitting across DDP ranks and DataLoader workers (rank/world from RANK/WORLD_SIZE or torch.distributed,
+    else from where the dataset was built, as ``ldm.data.shards.WebDatasetImages``):
+    - train with at least ``world`` shards: rank r reads shards r, r+W, ...; every rank yields exactly
+      ``len(self)`` samples per epoch (``epoch_size``, default total // world), re-reading its shards as
+      needed, and the same number of active workers on every rank share that quota, so all ranks see the
+      same number of batches (DDP would hang otherwise). Shard order and a sample buffer are shuffled per epoch.
+    - val, or fewer shards than ranks: one worker per rank reads all shards and keeps the samples whose
+      position p in the split has p % world == rank, for p < (total // world) * world: disjoint, equal counts
+      (total // world per rank), at most world - 1 samples left out. Meant for small splits.
+    """
+
+    def __init__(self, path: str | Path, split: str = "train", shuffle_buffer: int = 1000,
+                 epoch_size: int | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.root = Path(path)
+        self.manifest = read_manifest(self.root)
+        info = split_info(self.manifest, split)
+        self.split = split
+        self.shards = [(str(self.root / s["name"]), int(s["num_samples"])) for s in info["shards"]]
+        self.total = int(info["num_samples"])
+        self.training = split == "train"
+        if shuffle_buffer < 0 or (epoch_size is not None and epoch_size < 1):
+            raise ValueError(f"need shuffle_buffer >= 0 and epoch_size >= 1 or None, got {shuffle_buffer}, "
+                             f"{epoch_size}")
+        self.shuffle_buffer = shuffle_buffer if self.training else 0
+        self.epoch_size = epoch_size
+        self.seed = int(seed)
+        self._built_rank, self._built_world = wds.utils.pytorch_worker_info()[:2]
+        if self.total < self._built_world:
+            raise ValueError(f"the {split!r} split of {self.root} has {self.total} samples, fewer than the "
+                             f"{self._built_world} ranks")
+        self._iterations = 0
+
+    def rank_and_world(self) -> tuple[int, int]:
+        rank, world = wds.utils.pytorch_worker_info()[:2]
+        return (rank, world) if world > 1 else (self._built_rank, self._built_world)
+
+    def _by_shard(self, world: int) -> bool:
+        return self.training and len(self.shards) >= world
+
+    def __len__(self) -> int:
+        world = self._built_world
+        if self._by_shard(world) and self.epoch_size is not None:
+            return self.epoch_size
+        return self.total // world
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world = self.rank_and_world()
+        _, _, worker, n_workers = wds.utils.pytorch_worker_info()
+        info = get_worker_info()
+        self._iterations += 1
+        base = stable_hash(self.seed, rank, info.seed if info is not None else 0, self._iterations)
+        if self._by_shard(world):
+            active = min(n_workers, len(self.shards) // world)
+            if worker >= active:
+                return
+            mine = [url for url, _ in self.shards[rank::world]][worker::active]
+            length = len(self)
+            quota = length // active + (worker < length % active)
+            produced, passes = 0, 0
+            while produced < quota:
+                rng = random.Random(base + passes)
+                order = rng.sample(mine, len(mine))
+                before = produced
+                for sample in _buffer_shuffle(_iter_shards(order), self.shuffle_buffer, rng):
+                    yield sample
+                    produced += 1
+                    if produced >= quota:
+                        return
+                if produced == before:
+                    raise ValueError(f"shards {order} of {self.root} hold no samples; rebuild the cache")
+                passes += 1
+            return
+        if worker > 0:  # one reader per rank: equal per-rank counts whatever the number of workers
+            return
+        limit = (self.total // world) * world
+
+        def mine() -> Iterator[dict]:
+            for pos, sample in enumerate(_iter_shards([u for u, _ in self.shards])):
+                if pos >= limit:
+                    return
+                if pos % world == rank:
+                    yield sample
+
+        yield from _buffer_shuffle(mine(), self.shuffle_buffer, random.Random(base))
+
+    def __repr__(self) -> str:
+        return (f"LatentShardDataset({str(self.root)!r}, split={self.split!r}, samples={self.total}, "
+                f"shards={len(self.shards)}, shuffle_buffer={self.shuffle_buffer})")
+
+
+class LatentMemoryDataset(Dataset):
+    """One split of a latent cache decoded once into tensors (stored dtype), served map-style as float32.
+
+    For small caches, where decoding tar members would dominate a training step. Use it with any sampler
+    (Lightning swaps in a DistributedSampler under DDP).
+    """
+
+    def __init__(self, path: str | Path, split: str = "train") -> None:
+        self.root = Path(path)
+        self.manifest = read_manifest(self.root)
+        self.split = split
+        urls = [str(self.root / s["name"]) for s in split_info(self.manifest, split)["shards"]]
+        samples = list(_iter_shards(urls, float32=False))
+        if not samples:
+            raise ValueError(f"the {split!r} split of {self.root} holds no samples")
+        self.tensors = {k: torch.stack([s[k] for s in samples]) for k in ("mean", "logvar", "context",
+                                                                          "context_mask") if k in samples[0]}
+        self.lists = {k: [s[k] for s in samples] for k in _LIST_FIELDS}
+        self.labels = torch.tensor([s["label"] for s in samples]) if "label" in samples[0] else None
+
+    def __len__(self) -> int:
+        return len(self.lists["key"])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        out = {k: (v[index].float() if v.is_floating_point() else v[index]) for k, v in self.tensors.items()}
+        out.update({k: v[index] for k, v in self.lists.items()})
+        if self.labels is not None:
+            out["label"] = int(self.labels[index])
+        return out
+
+    def __repr__(self) -> str:
+        return f"LatentMemoryDataset({str(self.root)!r}, split={self.split!r}, samples={len(self)})"
+
+
+class LatentDataModule:
+    """Train/val DataLoaders over a latent cache, like ``ldm.data.datamodules.ImageDataModule``.
+
+    Args:
+        path: the cache folder (holding manifest.json).
+        batch_size, val_batch_size: per rank (val defaults to batch_size).
+        num_workers, pin_memory, persistent_workers, prefetch_factor: DataLoader settings.
+        in_memory: True = ``LatentMemoryDataset`` (decode every split once), False = ``LatentShardDataset``
+            (stream), None = in memory when the split's shards total at most ``in_memory_max_mb``.
+        shuffle_buffer, epoch_size: streaming only (see ``LatentShardDataset``).
+        seed: shuffling seed (epoch-seeded permutation in memory, shard/buffer shuffling when streaming).
+
+    Batches: mean, logvar float32 [B, C, h, w]; caption, attributes, key lists of str; label LongTensor [B]
+    and context [B, L, D] / context_mask [B, L] (bool) when cached. Train loaders drop the last partial batch.
+    """
+
+    def __init__(self, path: str | Path, batch_size: int = 64, val_batch_size: int | None = None,
+                 num_workers: int = 2, in_memory: bool | None = None, in_memory_max_mb: float = 1024,
+                 shuffle_buffer: int = 1000, epoch_size: int | None = None, pin_memory: bool = True,
+                 persistent_workers: bool | None = None, prefetch_factor: int | None = None, seed: int = 0) -> None:
+        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1) or num_workers < 0:
+            raise ValueError(f"need batch sizes >= 1 and num_workers >= 0, got {batch_size}, {val_batch_size}, "
+                             f"{num_workers}")
+        self.path = Path(path)
+        self._manifest = read_manifest(self.path)
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.in_memory, self.in_memory_max_mb = in_memory, in_memory_max_mb
+        self.shuffle_buffer, self.epoch_size = shuffle_buffer, epoch_size
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
+        self.persistent_workers = (num_workers > 0) if persistent_workers is None else (
+            bool(persistent_workers) and num_workers > 0)
+        self.prefetch_factor = prefetch_factor
+        self.seed = int(seed)
+        self._datasets: dict[str, Dataset] = {}
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._manifest
+
+    def _use_memory(self, split: str) -> bool:
+        if self.in_memory is not None:
+            return bool(self.in_memory)
+        size = sum(int(s.get("bytes", 0)) for s in split_info(self._manifest, split)["shards"])
+        return size <= self.in_memory_max_mb * 2**20
+
+    def dataset(self, split: str) -> Dataset:
+        """The dataset of ``split`` ("train" or "val"), built on first request and cached."""
+        if split not in self._datasets:
+            if self._use_memory(split):
+                self._datasets[split] = LatentMemoryDataset(self.path, split)
+            else:
+                self._datasets[split] = LatentShardDataset(self.path, split, self.shuffle_buffer,
+                                                           self.epoch_size if split == "train" else None,
+                                                           seed=self.seed + (split != "train"))
+        return self._datasets[split]
+
+    def _loader(self, split: str) -> DataLoader:
+        ds = self.dataset(split)
+        train = split == "train"
+        batch_size = self.batch_size if train else self.val_batch_size
+        if train and len(ds) < batch_size:
+            raise ValueError(f"the train split has {len(ds)} samples per rank, fewer than batch_size={batch_size}; "
+                             "with drop_last no batch would remain. Lower batch_size or cache more images.")
+        sampler = EpochShuffleSampler(len(ds), self.seed) if train and not isinstance(ds, IterableDataset) else None
+        extra: dict[str, Any] = {}
+        if self.num_workers > 0:
+            extra["persistent_workers"] = self.persistent_workers
+            if self.prefetch_factor is not None:
+                extra["prefetch_factor"] = self.prefetch_factor
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=collate_latents,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          generator=torch.Generator().manual_seed(self.seed + (not train)), **extra)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def describe(self) -> str:
+        m = self._manifest
+        counts = ", ".join(f"{s}: {info['num_samples']}" for s, info in m["splits"].items())
+        lines = [f"LatentDataModule({str(self.path)!r}, latents {m['latent_shape']} {m['dtype']}, {counts}; "
+                 f"autoencoder {m['autoencoder']['identity'][:12]}, batch_size={self.batch_size}, "
+                 f"num_workers={self.num_workers}, in_memory={self.in_memory}, seed={self.seed})"]
+        lines += [f"  {split}: {ds!r}" for split, ds in self._datasets.items()]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.describe()
+

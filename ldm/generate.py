@@ -1,0 +1,149 @@
+"""Text (or class) to image with a trained latent diffusion model: encode the prompts, sample latents with
+classifier-free guidance, undo the latent normalisation, decode with the frozen autoencoder.
+
+Shared by ``sample.py``, the training-time sample grids and ``evaluate.py``; plain torch, no Lightning/Hydra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ldm.data.latents import denormalize_latents
+from ldm.diffusion.guidance import cfg_denoiser
+from ldm.diffusion.samplers import SAMPLERS
+
+
+@dataclass
+class LatentDiffusion:
+    """Everything needed to turn prompts into images.
+
+    Attributes:
+        unet: noise-prediction network ``unet(x_t, t, context=, context_mask=) -> raw output`` (EMA weights).
+        text_encoder: condition encoder (``ldm.models.text_encoders``), frozen or trained with the U-Net.
+        autoencoder: frozen stage-1 ``AutoencoderKL`` (its decoder turns latents into images).
+        alphas_cumprod: ``[T]`` float64 noise schedule the U-Net was trained with.
+        objective: what the U-Net predicts: ``"eps" | "v" | "x0"``.
+        latent_stats: the autoencoder's latent statistics (``scale``, ``shift``, ``mean``, ``std``).
+        latent_norm: ``"scale"`` or ``"channel"`` (see ``ldm.data.latents.normalize_latents``).
+        latent_shape: ``(C, h, w)`` of one latent.
+    """
+
+    unet: nn.Module
+    text_encoder: nn.Module
+    autoencoder: nn.Module
+    alphas_cumprod: Tensor
+    objective: str
+    latent_stats: dict[str, Any]
+    latent_norm: str
+    latent_shape: tuple[int, int, int]
+
+    def to(self, device: torch.device | str) -> LatentDiffusion:
+        for m in (self.unet, self.text_encoder, self.autoencoder):
+            m.to(device)
+        return self
+
+
+def condition_inputs(text_encoder: nn.Module, prompts: Sequence[Any], device: torch.device) -> Any:
+    """Prompts as the encoder wants them: a list of captions, or a LongTensor of class labels."""
+    if getattr(text_encoder, "input_key", "caption") == "label":
+        try:
+            return torch.tensor([int(p) for p in prompts], dtype=torch.long, device=device)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"this model is class-conditional: prompts must be class indices, got {list(prompts)!r}") from e
+    return [str(p) for p in prompts]
+
+
+def encode_condition(text_encoder: nn.Module, inputs: Any) -> dict[str, Tensor]:
+    """``{"context": [B,L,D], "context_mask": [B,L] bool}`` for the encoder's inputs."""
+    context, mask = text_encoder(inputs)
+    return {"context": context, "context_mask": mask}
+
+
+def training_condition(text_encoder: nn.Module, batch: dict[str, Any], keep: Tensor) -> dict[str, Tensor]:
+    """The condition of a training batch, with the null condition where ``keep`` [B] is False (CFG dropout).
+
+    Uses the frozen text embeddings cached with the latents when the batch has them (``context``,
+    ``context_mask``), else runs the encoder on the batch's captions / labels.
+    """
+    n = keep.shape[0]
+    if "context" in batch:
+        cond = {"context": batch["context"], "context_mask": batch["context_mask"].bool()}
+        if bool(keep.all()):
+            return cond
+        null = encode_condition(text_encoder, text_encoder.null_inputs(1))
+        length = max(cond["context"].shape[1], null["context"].shape[1])
+        cond = {k: pad_tokens(v, length) for k, v in cond.items()}
+        null = {k: pad_tokens(v, length).to(cond[k].dtype).expand(n, *cond[k].shape[1:]) for k, v in null.items()}
+        return {k: torch.where(keep.view(n, *([1] * (cond[k].dim() - 1))), cond[k], null[k]) for k in cond}
+    inputs = batch[getattr(text_encoder, "input_key", "caption")]
+    null_inputs = text_encoder.null_inputs(n)
+    if isinstance(inputs, Tensor):
+        inputs = torch.where(keep, inputs, null_inputs.to(inputs.device))
+    else:
+        inputs = [x if k else nx for x, k, nx in zip(inputs, keep.tolist(), null_inputs, strict=True)]
+    return encode_condition(text_encoder, inputs)
+
+
+def _unet_fn(unet: nn.Module) -> Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor]:
+    return lambda x, t, cond: unet(x, t, context=cond["context"], context_mask=cond["context_mask"])
+
+
+@torch.no_grad()
+def generate(
+    model: LatentDiffusion,
+    prompts: Sequence[Any],
+    *,
+    sampler: str = "dpmpp_2m",
+    steps: int = 25,
+    cfg_scale: float = 3.0,
+    generator: torch.Generator,
+    sampler_options: dict[str, Any] | None = None,
+    batch_size: int = 16,
+    autocast_dtype: torch.dtype | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Tensor:
+    """Images ``[N,3,H,W]`` in [-1, 1] for ``N = len(prompts)`` prompts (repeat a prompt to get several images).
+
+    Deterministic given ``generator`` (on the model's device): the initial noise of every batch and any sampler
+    noise are drawn from it in order. ``progress(n)`` is called after each batch with the number of images done.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    device = next(model.unet.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        n = len(chunk)
+        cond_in = condition_inputs(model.text_encoder, chunk, device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            cond = encode_condition(model.text_encoder, cond_in)
+            uncond = encode_condition(model.text_encoder, model.text_encoder.null_inputs(n))
+            length = max(cond["context"].shape[1], uncond["context"].shape[1])
+            cond = {k: pad_tokens(v, length) for k, v in cond.items()}
+            uncond = {k: pad_tokens(v, length) for k, v in uncond.items()}
+            denoise = cfg_denoiser(_unet_fn(model.unet), model.objective, model.alphas_cumprod.to(device), cond,
+                                   uncond, cfg_scale)
+            x = torch.randn((n, *model.latent_shape), generator=generator, device=device)
+            z = SAMPLERS[sampler](denoise, x, model.alphas_cumprod.to(device), steps, generator,
+                                  **(sampler_options or {}))
+            z = denormalize_latents(z.float(), model.latent_stats, model.latent_norm)
+            images = model.autoencoder.decode(z)
+        out.append(images.float().clamp(-1, 1))
+        if progress is not None:
+            progress(n)
+    return torch.cat(out)
+
+
+def pad_tokens(t: Tensor, length: int) -> Tensor:
+    """Pad the token axis (dim 1) of a context [B,L,D] or mask [B,L] to ``length`` (mask padding is False)."""
+    pad = length - t.shape[1]
+    if pad <= 0:
+        return t
+    if t.dim() == 3:
+        return torch.nn.functional.pad(t, (0, 0, 0, pad))
+    return torch.nn.functional.pad(t, (0, pad), value=False)

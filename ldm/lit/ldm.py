@@ -1,0 +1,197 @@
+"""Lightning module for stage 2: a conditional U-Net on cached latents of a frozen autoencoder. Thin: sample
+and normalise the cached posterior, encode (and randomly drop) the condition, call the diffusion loss, log.
+
+The frozen autoencoder is kept inside the module and inside every checkpoint, so a stage-2 checkpoint alone is
+enough to sample (``sample.py ckpt=...``); frozen text encoders are rebuilt from their own weights instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from ldm.data.latents import normalize_latents, sample_posterior
+from ldm.generate import LatentDiffusion, generate, training_condition
+from ldm.losses.diffusion import DiffusionLoss
+from ldm.models.ema import ema_decay_at, ema_update
+
+
+class LatentDiffusionModule(pl.LightningModule):
+    """Stage-2 training.
+
+    Args:
+        unet: ``UNetModel`` (``unet(x_t, t, context=, context_mask=)``).
+        text_encoder: condition encoder; trained with the U-Net if ``text_encoder.trainable``.
+        autoencoder: frozen stage-1 autoencoder (decodes the sample grids; stored in checkpoints).
+        loss: ``DiffusionLoss`` (schedule, objective, weighting).
+        latent_stats: the autoencoder's latent statistics (from its checkpoint, checked against the cache).
+        optimizer / lr_scheduler: partial ``torch.optim`` constructors; the scheduler steps every optimizer step.
+        base_learning_rate, scale_lr, batch_size, accumulate_grad_batches: lr = base (× batch × devices × accum if
+            ``scale_lr``, the LDM convention).
+        p_uncond: probability of replacing a sample's condition by the null condition (classifier-free guidance
+            training, Ho & Salimans 2022).
+        ema_decay: EMA of the U-Net used for validation and sampling (``None``: off).
+        latent_norm: ``"scale"`` or ``"channel"`` (``ldm.data.latents.normalize_latents``).
+        latent_shape: ``(C, h, w)`` of a latent; set from the cache.
+        run_config: resolved run config, stored in every checkpoint; ``meta``: extra checkpoint metadata
+            (autoencoder identity, cache manifest summary).
+        seed: the posterior/noise/timestep/dropout draws are a pure function of (seed, rank, step, batch).
+        compile: ``torch.compile`` the U-Net (in place, so checkpoint keys do not change).
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        text_encoder: nn.Module,
+        autoencoder: nn.Module,
+        loss: DiffusionLoss,
+        latent_stats: dict[str, Any],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., Any] | None = None,
+        base_learning_rate: float = 1e-4,
+        scale_lr: bool = False,
+        batch_size: int = 1,
+        accumulate_grad_batches: int = 1,
+        p_uncond: float = 0.1,
+        ema_decay: float | None = 0.9999,
+        latent_norm: str = "scale",
+        latent_shape: Sequence[int] = (4, 8, 8),
+        run_config: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        seed: int = 0,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"p_uncond={p_uncond} must be in [0, 1)")
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.loss = loss
+        self.latent_stats = latent_stats
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.base_learning_rate = base_learning_rate
+        self.scale_lr = scale_lr
+        self.batch_size = batch_size
+        self.accumulate = max(1, int(accumulate_grad_batches))
+        self.p_uncond = float(p_uncond)
+        self.latent_norm = latent_norm
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.run_config = run_config or {}
+        self.meta = meta or {}
+        self.seed = int(seed)
+        self.unet_ema = copy.deepcopy(unet).eval().requires_grad_(False) if ema_decay else None
+        self.ema_decay = ema_decay
+        self._ema_step = -1
+        if compile:
+            self.unet.compile()
+
+    def train(self, mode: bool = True) -> LatentDiffusionModule:
+        super().train(mode)
+        self.autoencoder.eval()  # frozen parts never switch to training behaviour
+        if self.unet_ema is not None:
+            self.unet_ema.eval()
+        return self
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def learning_rate(self) -> float:
+        if not self.scale_lr:
+            return self.base_learning_rate
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return self.base_learning_rate * self.batch_size * world * self.accumulate
+
+    def configure_optimizers(self):
+        params = list(self.unet.parameters())
+        if getattr(self.text_encoder, "trainable", False):
+            params += list(self.text_encoder.parameters())
+        opt = self.optimizer_factory(params, lr=self.learning_rate())
+        if self.lr_scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------------------- train
+    def _generator(self, *key: int) -> torch.Generator:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(hash((self.seed, *key)) % 2**63)
+        return gen
+
+    def _diffusion_loss(self, unet: nn.Module, batch: dict[str, Any], gen: torch.Generator, p_uncond: float):
+        z = sample_posterior(batch["mean"], batch["logvar"], generator=gen)
+        z = normalize_latents(z, self.latent_stats, self.latent_norm)
+        keep = torch.rand(z.shape[0], generator=gen, device=z.device) >= p_uncond
+        cond = training_condition(self.text_encoder, batch, keep)
+        return self.loss(lambda x, t: unet(x, t, **cond), z, generator=gen)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        gen = self._generator(self.global_rank, self.global_step, batch_idx)
+        loss, logs = self._diffusion_loss(self.unet, batch, gen, self.p_uncond)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["mean"].shape[0])
+        self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "loss"}, batch_size=batch["mean"].shape[0])
+        if "n_bad" in batch:
+            self.log("data/skipped", batch["n_bad"].sum().float(), reduce_fx="sum", on_step=False, on_epoch=True,
+                     sync_dist=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # global_step advances once per optimizer step (after gradient accumulation): update the EMA then
+        if self.unet_ema is not None and self.global_step != self._ema_step:
+            self._ema_step = self.global_step
+            ema_update(self.unet_ema, self.unet, ema_decay_at(self.global_step - 1, self.ema_decay))
+
+    # ----------------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # the same noise, timesteps and posterior draws at every validation, and no condition dropout
+        gen = self._generator(-1, batch_idx, self.global_rank)
+        loss, _ = self._diffusion_loss(self.sampling_unet(), batch, gen, p_uncond=0.0)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["mean"].shape[0])
+
+    # ------------------------------------------------------------------------------------------- sampling
+    def sampling_unet(self) -> nn.Module:
+        return self.unet_ema if self.unet_ema is not None else self.unet
+
+    def pipeline(self) -> LatentDiffusion:
+        return LatentDiffusion(
+            unet=self.sampling_unet(), text_encoder=self.text_encoder, autoencoder=self.autoencoder,
+            alphas_cumprod=self.loss.alphas_cumprod, objective=self.loss.objective, latent_stats=self.latent_stats,
+            latent_norm=self.latent_norm, latent_shape=self.latent_shape,
+        )
+
+    @torch.no_grad()
+    def sample_images(self, prompts: Sequence[Any], sampler: str, steps: int, cfg_scale: float, seed: int,
+                      **options: Any) -> Tensor:
+        """Images ``[N,3,H,W]`` in [-1,1] from the EMA U-Net (same seed: same noise at every call)."""
+        was_training = self.text_encoder.training
+        self.text_encoder.eval()
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        autocast = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        try:
+            return generate(self.pipeline(), prompts, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                            generator=gen, sampler_options=options, autocast_dtype=autocast)
+        finally:
+            self.text_encoder.train(was_training)
+
+    # ----------------------------------------------------------------------------------------- checkpoint
+    def _frozen_prefixes(self) -> tuple[str, ...]:
+        # frozen text encoders are rebuilt from their own pretrained weights (identity checked), not stored
+        return () if getattr(self.text_encoder, "trainable", False) else ("text_encoder.",)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(self._frozen_prefixes())]:
+            del state[key]
+        checkpoint["ldm"] = {
+            "stage": "ldm", "config": self.run_config, "latent_stats": self.latent_stats,
+            "latent_norm": self.latent_norm, "latent_shape": list(self.latent_shape),
+            "text_encoder": self.text_encoder.identity(), **self.meta,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        prefixes = self._frozen_prefixes()
+        if prefixes:
+            checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k.startswith(prefixes)})

@@ -1,0 +1,99 @@
+"""Generate images with a trained stage-2 model: prompts in, PNGs and a grid out.
+
+    python sample.py ckpt=outputs/ldm/<run>/checkpoints/last.ckpt prompts="a large red circle in the center, on a black background"
+    python sample.py ckpt=... prompts_file=prompts.txt n=16 steps=50 sampler=ddim cfg_scale=4 seed=0
+
+The checkpoint carries everything (U-Net + EMA, condition encoder, autoencoder, latent statistics, schedule).
+Writes ``<out_dir>/images/<prompt #>_<image #>.png``, ``grid.png`` (one row per prompt) and ``samples.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, ListConfig
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from ldm.checkpoint import build_latent_diffusion
+from ldm.generate import generate
+
+log = logging.getLogger("ldm.sample")
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def read_prompts(cfg: DictConfig) -> list[str]:
+    prompts = list(cfg.prompts) if isinstance(cfg.prompts, ListConfig) else ([] if cfg.prompts is None else [cfg.prompts])
+    if cfg.prompts_file is not None:
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts_file={path} does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError('no prompts: pass prompts="a red circle" (or a list) and/or prompts_file=<one per line>')
+    return [str(p) for p in prompts]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but CUDA is not available; use device=cpu")
+    return torch.device(name)
+
+
+def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if precision not in _DTYPES:
+        raise ValueError(f"precision={precision!r}: use auto, fp32, bf16 or fp16")
+    return _DTYPES[precision]
+
+
+def sample(cfg: DictConfig) -> Path:
+    prompts = read_prompts(cfg)
+    device = pick_device(str(cfg.device))
+    model = build_latent_diffusion(cfg.ckpt, use_ema=cfg.use_ema).to(device)
+    steps = int(cfg.steps if cfg.steps is not None else cfg.sampler.steps)
+    cfg_scale = float(cfg.cfg_scale if cfg.cfg_scale is not None else cfg.sampler.cfg_scale)
+    n = int(cfg.n)
+    if n < 1:
+        raise ValueError(f"n={n}: images per prompt must be >= 1")
+    out_dir = Path(cfg.out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    log.info("%d prompts x %d images, %s %d steps, cfg %.2f, seed %d, on %s -> %s", len(prompts), n,
+             cfg.sampler.name, steps, cfg_scale, cfg.seed, device, out_dir)
+
+    all_prompts = [p for p in prompts for _ in range(n)]
+    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    with tqdm(total=len(all_prompts), desc="sampling", unit="img") as bar:
+        images = generate(model, all_prompts, sampler=cfg.sampler.name, steps=steps, cfg_scale=cfg_scale,
+                          generator=generator, sampler_options=dict(cfg.sampler.options), batch_size=int(cfg.batch_size),
+                          autocast_dtype=pick_autocast(str(cfg.precision), device), progress=bar.update)
+
+    records = []
+    for i, (prompt, image) in enumerate(zip(all_prompts, images.cpu(), strict=True)):
+        path = out_dir / "images" / f"{i // n:03d}_{i % n:03d}.png"
+        save_image(image, path, normalize=True, value_range=(-1, 1))
+        records.append({"file": str(path.relative_to(out_dir)), "prompt": prompt, "index": i % n})
+    save_image(make_grid(images.cpu(), nrow=n, normalize=True, value_range=(-1, 1)), out_dir / "grid.png")
+    settings = {"ckpt": str(cfg.ckpt), "sampler": cfg.sampler.name, "steps": steps, "cfg_scale": cfg_scale,
+                "seed": int(cfg.seed), "use_ema": bool(cfg.use_ema)}
+    with open(out_dir / "samples.jsonl", "w") as f:
+        for rec in records:
+            f.write(json.dumps({**rec, **settings}) + "\n")
+    log.info("wrote %d images and grid.png to %s", len(records), out_dir)
+    return out_dir
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    sample(cfg)
+
+
+if __name__ == "__main__":
+    main()
