@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import sys
 from pathlib import Path
 
 import hydra
@@ -90,10 +92,25 @@ def sample(cfg: DictConfig) -> Path:
     return out_dir
 
 
+def quote_prompt_overrides(argv: list[str]) -> list[str]:
+    """Make ``prompts=a red circle, on a black background`` mean one prompt: Hydra would read the comma as a sweep
+    and stop with "Ambiguous value". Quoted values and lists (``prompts=[a,b]``) are left alone."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if key.lstrip("+~") in ("prompts", "prompts_file") and sep and "," in value and value[:1] not in "[\"'":
+            # Hydra's quoted strings: backslashes are escapes only before a quote (or the closing one)
+            value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
 def main(cfg: DictConfig) -> None:
     sample(cfg)
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = quote_prompt_overrides(sys.argv[1:])
     main()

@@ -67,6 +67,16 @@ def test_sample_config_composes(tmp_path):
         for sampler in _options("sampler"):
             cfg = compose("sample", overrides=[f"sampler={sampler}", "ckpt=x.ckpt", "prompts=a red circle"])
             assert cfg.sampler.name == sampler and cfg.sampler.steps > 0 and cfg.prompts == "a red circle"
+        # a single prompt with commas (every `shapes` caption has one) is one prompt, not a Hydra sweep
+        import sample
+
+        plain = "a large red circle in the center, on a black background"
+        with pytest.raises(ConfigCompositionException, match="Ambiguous value"):  # what Hydra alone does
+            compose("sample", overrides=["ckpt=x.ckpt", f"prompts={plain}"])
+        for prompt in [plain, "Bob's circle, \\o/", "a, b\\", "x, \\'y'"]:
+            args = sample.quote_prompt_overrides(["ckpt=x.ckpt", f"prompts={prompt}", "prompts=[a,b]", "n=2"])
+            assert args[0] == "ckpt=x.ckpt" and args[2:] == ["prompts=[a,b]", "n=2"]
+            assert compose("sample", overrides=args[:2]).prompts == prompt
 
 
 def test_missing_stage1_checkpoint_is_named(tmp_path):

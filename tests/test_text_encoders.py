@@ -12,6 +12,7 @@ import shutil
 import string
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from ldm.models.text_encoders import (
     MiniLMEncoder,
     NullEncoder,
     TransformerTextEncoder,
+    WordTokenizer,
     state_dict_sha256,
 )
 
@@ -119,6 +121,34 @@ def test_byte_tokenizer_truncates_on_character_boundaries():
     assert tok.decode(kept) == "ééé"
     kept, _ = tok.truncate("aéééé")  # 'a' + 2-byte chars: the 6th body byte would split a character
     assert tok.decode(kept) == "aéé" and len(kept) == 7
+
+
+def test_word_tokenizer_hashes_words_stably_and_truncates():
+    tok = WordTokenizer(max_length=8, vocab_size=1000)
+    ids = tok.encode("A red circle, on a BLACK background")
+    assert ids[0] == tok.BOS and ids[-1] == tok.EOS and len(ids) == 2 + 8  # 7 words + the comma
+    body = ids[1:-1]
+    assert all(0 <= i < 1000 for i in body)
+    assert body[0] == body[5] and body[1] != body[2]  # "a" twice -> one id; case does not matter
+    assert body == tok.encode("a red circle , on a black background")[1:-1]  # punctuation is its own token
+    assert body[0] == zlib.crc32(b"a") % 1000  # stable across processes and machines (no Python hash())
+    kept, n = tok.truncate("a red circle, on a black background")
+    assert n == 10 and len(kept) == 8 and kept[-1] == tok.EOS and kept[:7] == ids[:7]
+    batch, mask, lengths = tok(["a red circle", ""])
+    assert batch.shape == (2, 8) and mask.sum(1).tolist() == [5, 2] and lengths == [5, 2]
+    assert (batch[~mask] == tok.PAD).all() and tok.vocab_size == 1003
+
+
+def test_transformer_with_word_tokenizer():
+    torch.manual_seed(0)
+    enc = TransformerTextEncoder(width=32, depth=1, heads=4, max_length=16, tokenizer="words", vocab_size=512).eval()
+    context, mask = enc(["a red circle", "a blue circle"])
+    _check_output(context, mask, 2, 16, 32)
+    assert mask.sum(1).tolist() == [5, 5] and enc.token_embedding.num_embeddings == 515
+    assert not torch.allclose(context[0, 2], context[1, 2])  # "red" vs "blue"
+    assert enc.identity()["tokenizer"] == "words-crc32-512"
+    with pytest.raises(ValueError, match="tokenizer='wordpiece' is not one of"):
+        TransformerTextEncoder(width=32, heads=4, tokenizer="wordpiece")
 
 
 # ------------------------------------------------------------------------------------------ text transformer

@@ -131,3 +131,18 @@ def test_stage2_resume_continues_the_step_count(stage2_run, stage1_ckpt, tmp_pat
                         output_dir=tmp_path)
     train.train(cfg)
     assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_stage2_mixed_precision_on_gpu(stage1_ckpt, tmp_path, precision):
+    on_gpu = [o for o in TINY_LDM if not o.startswith("trainer.accelerator")]
+    cfg = compose_train(on_gpu + ["trainer=gpu", f"trainer.precision={precision}", "trainer.max_steps=6",
+                                  f"autoencoder_ckpt={stage1_ckpt}", f"cache_dir={tmp_path}/cache",
+                                  "module.compile=true"], output_dir=tmp_path)
+    metrics = train.train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    model = build_latent_diffusion(tmp_path / "checkpoints" / "last.ckpt").to("cuda")
+    images = generate(model, ["a small blue square"] * 2, sampler="dpmpp_2m", steps=4,
+                      generator=torch.Generator("cuda").manual_seed(0), autocast_dtype=torch.bfloat16)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()

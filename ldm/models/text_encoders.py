@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
+import zlib
 from collections.abc import Sequence
 
 import torch
@@ -120,6 +122,43 @@ class ByteTokenizer:
         return ids, ids != self.PAD, lengths
 
 
+class WordTokenizer:
+    """Lower-cased words and punctuation marks, each hashed into one of ``vocab_size`` buckets (the hashing trick):
+    nothing to download and no unknown words, at ~5x fewer tokens than bytes for English captions (cheaper on the CPU).
+
+    Ids ``0..vocab_size-1`` are word buckets (CRC-32 of the UTF-8 word, stable across runs and machines), then PAD,
+    BOS, EOS. Distinct words may share a bucket; with a vocabulary of a few thousand words and 8192 buckets, rarely.
+    """
+
+    _WORDS = re.compile(r"\w+|[^\w\s]")
+
+    def __init__(self, max_length: int = 32, vocab_size: int = 8192) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length}: the word tokenizer needs at least 2 (BOS and EOS)")
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size={vocab_size}: the word tokenizer needs at least 2 buckets")
+        self.max_length, self.buckets = max_length, vocab_size
+        self.PAD, self.BOS, self.EOS = vocab_size, vocab_size + 1, vocab_size + 2
+        self.vocab_size = vocab_size + 3
+
+    def encode(self, text: str) -> list[int]:
+        """Untruncated ids ``[BOS, *buckets(words), EOS]``."""
+        words = self._WORDS.findall(text.lower())
+        return [self.BOS, *(zlib.crc32(w.encode("utf-8")) % self.buckets for w in words), self.EOS]
+
+    def truncate(self, text: str) -> tuple[list[int], int]:
+        """Ids cut to ``max_length`` (EOS kept last) and the untruncated count."""
+        ids = self.encode(text)
+        if len(ids) <= self.max_length:
+            return ids, len(ids)
+        return ids[: self.max_length - 1] + [self.EOS], len(ids)
+
+    __call__ = ByteTokenizer.__call__
+
+
+TOKENIZERS = {"bytes": ByteTokenizer, "words": WordTokenizer}
+
+
 # --------------------------------------------------------------------------------- transformer (trainable)
 class _Block(nn.Module):
     """Pre-norm transformer layer: x + Attn(LN(x)), then x + MLP(LN(x)) (as in the paper's x-transformers
@@ -146,10 +185,11 @@ class _Block(nn.Module):
 
 
 class TransformerTextEncoder(nn.Module):
-    """Byte-level text transformer trained jointly with the U-Net (the paper's BERTEmbedder, Sec. 4.3.1/App. E.2).
+    """Text transformer over bytes (or hashed words) trained jointly with the U-Net (the paper's BERTEmbedder, Sec. 4.3.1/App. E.2).
 
     Args: ``width`` (= context_dim D), ``depth`` layers of ``heads`` heads, ``max_length`` tokens including BOS/EOS,
-    MLP hidden size ``mlp_ratio * width``, ``dropout`` on attention, residual and MLP paths. ``context_dim`` may be
+    MLP hidden size ``mlp_ratio * width``, ``dropout`` on attention, residual and MLP paths; ``tokenizer`` ``bytes``
+    (:class:`ByteTokenizer`) or ``words`` (:class:`WordTokenizer` with ``vocab_size`` buckets). ``context_dim`` may be
     given for configs that state it; it must equal ``width``. Paper: width 1280, depth 32, max_length 77.
     """
 
@@ -157,7 +197,8 @@ class TransformerTextEncoder(nn.Module):
     trainable = True
 
     def __init__(self, width: int = 256, depth: int = 4, heads: int = 4, max_length: int = 77,
-                 mlp_ratio: float = 4.0, dropout: float = 0.0, context_dim: int | None = None) -> None:
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, context_dim: int | None = None,
+                 tokenizer: str = "bytes", vocab_size: int = 8192) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"width={width} is not divisible by heads={heads}; pick heads with width % heads == 0")
@@ -166,11 +207,14 @@ class TransformerTextEncoder(nn.Module):
         if context_dim is not None and context_dim != width:
             raise ValueError(f"context_dim={context_dim} but the transformer's width is {width}: its context has "
                              "D = width; set context_dim to the width (or leave it out)")
-        self.tokenizer = ByteTokenizer(max_length)
+        if tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer={tokenizer!r} is not one of {sorted(TOKENIZERS)}")
+        self.tokenizer = ByteTokenizer(max_length) if tokenizer == "bytes" else WordTokenizer(max_length, vocab_size)
+        self.tokenizer_name = tokenizer
         self.width, self.depth, self.heads, self.mlp_ratio, self.dropout = width, depth, heads, mlp_ratio, dropout
         self.max_length, self.context_dim = max_length, width
         self._truncated: set[str] = set()  # prompts already reported as truncated
-        self.token_embedding = nn.Embedding(ByteTokenizer.vocab_size, width)
+        self.token_embedding = nn.Embedding(self.tokenizer.vocab_size, width)
         self.position_embedding = nn.Parameter(torch.empty(max_length, width))
         self.emb_drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(_Block(width, heads, mlp_ratio, dropout) for _ in range(depth))
@@ -216,7 +260,8 @@ class TransformerTextEncoder(nn.Module):
 
     def identity(self) -> dict:
         # trained weights change every step: the configuration is what identifies it
-        return {"name": "transformer", "tokenizer": "utf8-bytes", "width": self.width, "depth": self.depth,
+        tok = "utf8-bytes" if self.tokenizer_name == "bytes" else f"words-crc32-{self.tokenizer.buckets}"
+        return {"name": "transformer", "tokenizer": tok, "width": self.width, "depth": self.depth,
                 "heads": self.heads, "mlp_ratio": self.mlp_ratio, "max_length": self.max_length}
 
 
