@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.cache import build_cache
 from ldm.checkpoint import add_latent_stats, build_autoencoder, load_checkpoint
-from ldm.data.latents import autoencoder_identity, check_cache_compatible, read_manifest
+from ldm.data.latent_format import autoencoder_identity, check_cache_compatible, read_manifest
+from ldm.data.latents import channel_spread_problem
 from ldm.lit.callbacks import AtomicCheckpointIO
 from ldm.losses.lpips import lpips_min_input_size
 from ldm.models.discriminator import patchgan_min_input_size
@@ -160,6 +161,8 @@ def build_ldm_stage(cfg: DictConfig, config: dict):
         raise ValueError(f"autoencoder_ckpt={cfg.autoencoder_ckpt} is a {ae_ckpt['ldm']['stage']!r} checkpoint; "
                          "stage 2 needs a stage-1 (autoencoder) checkpoint")
     autoencoder, stats = build_autoencoder(ae_ckpt)
+    if (problem := channel_spread_problem(stats, str(cfg.latent_norm))) is not None:
+        log.warning(problem)
     identity = autoencoder_identity(autoencoder)
     text_encoder = instantiate(cfg.text_encoder)
     cache_dir = Path(cfg.cache_dir or default_cache_dir(cfg, identity))

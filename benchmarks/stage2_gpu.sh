@@ -19,6 +19,8 @@ S2_EVERY=${S2_EVERY:-1000}
 UNET=${UNET:-small}
 WORKERS=${WORKERS:-8}
 N=${N:-8}
+SAMPLE_SPECS=${SAMPLE_SPECS-ddpm:250 ddim:50 dpmpp_2m:25}   # SAMPLE_SPECS="": skip sampling
+S2_ARGS=${S2_ARGS:-}   # more stage-2 overrides, e.g. S2_ARGS="latent_norm=channel"
 mkdir -p "$OUT"
 LOG=outputs/stage2_log && mkdir -p $LOG   # small text results, merged into $OUT/stage2_metrics.json at the end
 (nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo cpu) | tee $LOG/device.txt
@@ -36,13 +38,13 @@ python train.py stage=ldm run_name=s2 unet=$UNET resolution=$RES batch_size=$S2_
   module.base_learning_rate=3e-4 module.ema_decay=0.999 module.lr_scheduler.total_iters=500 \
   trainer.max_steps=$S2_STEPS trainer.max_time=$S2_TIME trainer.val_check_interval=$S2_EVERY \
   trainer.check_val_every_n_epoch=null trainer.limit_val_batches=4 callbacks.sample_grid.every_n_steps=$S2_EVERY \
-  trainer.enable_progress_bar=false 2>&1 | tail -n 3
+  trainer.enable_progress_bar=false $S2_ARGS 2>&1 | tail -n 3
 t3=$(date +%s)
 printf '%s\n' "a large red circle in the center, on a black background" \
   "a small blue square in the top left, on a white background" \
   "a large green triangle at the bottom and a small yellow star at the top, on a gray background" \
   "a large white hexagon on the left and a small orange diamond on the right, on a pink background" > $LOG/prompts.txt
-for spec in ddpm:250 ddim:50 dpmpp_2m:25; do
+for spec in $SAMPLE_SPECS; do
   s=${spec%%:*}; k=${spec##*:}
   ts=$(date +%s%N)
   python sample.py ckpt=outputs/ldm/s2/checkpoints/last.ckpt prompts_file=$LOG/prompts.txt n=$N sampler=$s \
@@ -61,7 +63,7 @@ def rows(pattern, key):  # the newest csv logger version of the run
     import glob
     path = sorted(glob.glob(pattern))[-1]
     return [(float(r[key]), int(r["step"])) for r in csv.DictReader(open(path)) if r.get(key)]
-r = {"stage1_val": {k: rows("outputs/autoencoder/s1/csv/version_*/metrics.csv", k)[-1:]
+r = {"stage1_val": {k: rows("outputs/autoencoder/s1/csv/version_*/metrics.csv", k)
                     for k in ("val/psnr", "val/lpips", "val/ssim")},
      "stage2_val_loss": rows("outputs/ldm/s2/csv/version_*/metrics.csv", "val/loss"),
      "cache": {k: manifest[k] for k in ("latent_shape", "dtype", "latent_stats")}
@@ -70,7 +72,7 @@ r = {"stage1_val": {k: rows("outputs/autoencoder/s1/csv/version_*/metrics.csv", 
      "stage2_perf": load("outputs/ldm/s2/perf.json"),
      "device": open("outputs/stage2_log/device.txt").read().strip(),
      "phase_seconds": open("outputs/stage2_log/times.txt").read().strip(),
-     "sample_ms (sampler, steps, wall ms of sample.py incl. load)": open("outputs/stage2_log/sample_ms.txt").read().split("\n")}
+     "sample_ms (sampler, steps, wall ms of sample.py incl. load)": (open("outputs/stage2_log/sample_ms.txt").read().split("\n") if os.path.exists("outputs/stage2_log/sample_ms.txt") else [])}
 json.dump(r, open(f"{out}/stage2_metrics.json", "w"), indent=1)
 print(json.dumps(r)[:1500])
 PY

@@ -7,29 +7,21 @@ Stage 2 never runs the encoder: it samples z ~ q(z|x) from the stored posterior 
 it with the stored statistics (``ldm/data/latents.py``), as EDM2 does; the cached posterior makes the cost of the
 encoder a one-off (Rombach et al. 2022, Sec. 3: the first stage is trained once and reused).
 
-Layout of ``out_dir``:
-    manifest.json                   written last, by rank 0, once every shard of every split exists
-    <split>/shard-NNNNNN.tar        samples (format: ``ldm/data/latents.py``), tar key "<shard>_<position>"
-    <split>/shard-NNNNNN.json       sidecar: sample count, bytes, source range, settings; marks the shard done
-Work: a map-style dataset's shard i holds dataset indices [i*S, (i+1)*S) (S = ``shard_size``, up to
-``max_images`` per split); a webdataset source (``WebDatasetImages``) is cached input shard j -> output shard j.
-Shard k of the run (train shards first, then val) is written by rank k % world, so a restarted run, with any
-number of ranks, skips the shards whose sidecar, size and member count check out, rewrites the others, and
-deletes temporary files. Each tar is written to ``<name>.tmp-<pid>`` and renamed when complete.
+This module loads the models, encodes and runs the ranks; the layout of ``out_dir`` (manifest, shards and their
+sidecars), the work plan and the resume checks are in ``ldm/data/latent_writer.py``, the sample format in
+``ldm/data/latent_format.py``. Shard k of the run (train shards first, then val) is written by rank k % world, so
+a restarted run, with any number of ranks, writes only the shards that are missing or incomplete.
 Every split is cached in its canonical view: datasets that take ``crop``/``flip``/``shuffle_buffer``/
 ``epoch_size`` get center crops, no flips, no shuffling and a single pass.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import math
 import os
-import tarfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,50 +32,34 @@ import hydra
 import numpy as np
 import torch
 import torch.distributed as dist
-import webdataset as wds
 from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 import ldm
 from ldm.checkpoint import build_autoencoder, load_checkpoint
-from ldm.data.latents import (
-    CACHE_FORMAT,
-    CACHE_VERSION,
-    MANIFEST_NAME,
-    autoencoder_identity,
-    encode_array,
+from ldm.data.datamodules import canonical_dataset
+from ldm.data.latent_format import CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, autoencoder_identity
+from ldm.data.latent_writer import (
+    ShardUnit,
+    ShardWriter,
+    UnitStream,
+    clean_cache_dir,
+    finished_shard,
+    plan_units,
+    read_json,
+    settings_problems,
+    sidecar_path,
+    split_entry,
+    write_json,
 )
-from ldm.data.shards import _AtomicFiles
 
 log = logging.getLogger("ldm.cache")
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 # "auto" is fp32: cuDNN already runs fp32 convolutions as TF32 on Ampere+ GPUs (fp16's 10-bit mantissa, fp32's
 # range); bf16/fp16 autocast are faster but round activations to 8/11 bits and fp16 can overflow.
 PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_CANONICAL_VIEW = {"crop": "center", "flip": False, "shuffle_buffer": 0, "epoch_size": None}
-
-
-@dataclass(frozen=True)
-class _Unit:
-    """One output shard: dataset indices [start, stop) or one input webdataset shard ``url``."""
-
-    split: str
-    index: int
-    start: int = 0
-    stop: int = 0
-    url: str | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.split}/shard-{self.index:06d}.tar"
-
-    @property
-    def source(self) -> str:
-        return self.url if self.url is not None else f"indices [{self.start}, {self.stop})"
-
-
 # ------------------------------------------------------------------------------------------ loading
 
 def read_stage1_checkpoint(ckpt: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
@@ -103,208 +79,6 @@ def read_stage1_checkpoint(ckpt: str | os.PathLike | Mapping[str, Any]) -> dict[
                          "when stage-1 training finishes: finish the run (resume=auto), or add them with "
                          "ldm.checkpoint.add_latent_stats(path, image_batches, n_images)")
     return dict(ckpt)
-
-
-def cache_dataset(data_module: Any, split: str):
-    """The split's dataset in its canonical view (center crop, no flip, no shuffling, one pass)."""
-    factory = getattr(data_module, "dataset_factory", None)
-    if factory is None:
-        return data_module.dataset(split)
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        params = {}
-    return factory(split=split, **{k: v for k, v in _CANONICAL_VIEW.items() if k in params})
-
-
-def _plan(split: str, ds: Any, shard_size: int, max_images: int | None) -> list[_Unit]:
-    if isinstance(ds, IterableDataset):
-        if not (hasattr(ds, "urls") and hasattr(ds, "_decode")):
-            raise ValueError(f"cannot cache {ds!r}: an iterable dataset that is not WebDatasetImages has no "
-                             "resumable order; use a map-style dataset or data=webdataset")
-        if max_images is not None:
-            raise ValueError("max_images needs a map-style dataset; for webdataset sources list fewer shards "
-                             "in data.dataset.urls / val_urls")
-        return [_Unit(split, i, url=url) for i, url in enumerate(ds.urls)]
-    n = len(ds) if max_images is None else min(len(ds), int(max_images))
-    if n < 1:
-        raise ValueError(f"the {split!r} split has no images to cache ({ds!r}, max_images={max_images})")
-    return [_Unit(split, i, i * shard_size, min((i + 1) * shard_size, n)) for i in range(math.ceil(n / shard_size))]
-
-
-# ------------------------------------------------------------------------------------ reading images
-
-def _all(src):
-    return src
-
-
-def _unit_samples(ds: Any, unit: _Unit) -> Iterator[dict]:
-    if unit.url is None:
-        for i in range(unit.start, unit.stop):
-            yield ds[i]
-        return
-    # One input shard, in order, decoded by its WebDatasetImages (transform, bad-data accounting); no rank or
-    # worker splitting there: whole input shards are assigned to ranks and workers here.
-    pipeline = wds.WebDataset([unit.url], shardshuffle=False, empty_check=False, handler=ds._on_error,
-                              nodesplitter=_all, workersplitter=_all)
-    for raw in pipeline:
-        sample = ds._decode(raw)
-        if sample is not None:
-            yield sample
-
-
-def _meta(sample: Mapping[str, Any]) -> dict[str, Any]:
-    attributes = sample.get("attributes") or "{}"
-    attributes = attributes if isinstance(attributes, str) else json.dumps(attributes, sort_keys=True)
-    meta = {"caption": str(sample.get("caption", "")), "attributes": attributes, "key": str(sample.get("key", "")),
-            "n_bad": int(sample.get("n_bad", 0))}
-    label = sample.get("label")
-    if label is None:  # class datasets (fashion_mnist) keep their class in the attributes
-        try:
-            label = json.loads(attributes).get("label")
-        except (ValueError, AttributeError):
-            label = None
-    if isinstance(label, (int, np.integer)) or (isinstance(label, Tensor) and label.numel() == 1):
-        meta["label"] = int(label)
-    return meta
-
-
-class _UnitStream(IterableDataset):
-    """Image batches that never cross shards, plus an end marker per shard; worker w takes units w, w+n, ..."""
-
-    def __init__(self, datasets: dict[str, Any], units: list[_Unit], batch_size: int) -> None:
-        self.datasets, self.units, self.batch_size = datasets, units, batch_size
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        units = self.units if info is None else self.units[info.id::info.num_workers]
-        for unit in units:
-            seen: set[str] = set()
-            batch: list[dict] = []
-            for sample in _unit_samples(self.datasets[unit.split], unit):
-                if sample.get("key") in seen:  # a dataset that skips a broken file returns the next good one
-                    continue
-                seen.add(sample.get("key"))
-                batch.append(sample)
-                if len(batch) == self.batch_size:
-                    yield self._pack(unit, batch, False)
-                    batch = []
-            yield self._pack(unit, batch, True)
-
-    @staticmethod
-    def _pack(unit: _Unit, batch: list[dict], last: bool) -> dict:
-        images = torch.stack([s["image"] for s in batch]) if batch else None
-        return {"unit": unit, "last": last, "images": images, "meta": [_meta(s) for s in batch]}
-
-
-# ------------------------------------------------------------------------------------------- writing
-
-class _ShardWriter:
-    """One output tar, written to a temporary name and renamed on ``finish`` (``ldm.data.shards``' helper)."""
-
-    def __init__(self, path: Path, index: int) -> None:
-        self.path, self.index = path, index
-        self.files = _AtomicFiles()
-        self.tar = wds.TarWriter(self.files.open(str(path)), encoder=False, mtime=0.0)
-        self.count = self.n_bad = 0
-        self.labels = False
-        self.context_shape: list[int] | None = None
-        self.started = time.perf_counter()
-
-    def write(self, arrays: dict[str, np.ndarray], meta: list[dict]) -> None:
-        for i, m in enumerate(meta):
-            record = {k: m[k] for k in ("caption", "attributes", "key", "label") if k in m}
-            sample = {"__key__": f"{self.index:06d}_{self.count:06d}", "json": json.dumps(record).encode()}
-            sample.update({f"{k}.npy": encode_array(v[i]) for k, v in arrays.items()})
-            self.tar.write(sample)
-            self.count += 1
-            self.n_bad += m["n_bad"]
-            self.labels = self.labels or "label" in m
-        if "context" in arrays:
-            self.context_shape = list(arrays["context"].shape[1:])
-
-    def finish(self) -> int:
-        self.tar.close()
-        self.files.publish(str(self.path))
-        return self.path.stat().st_size
-
-    def abort(self) -> None:
-        try:
-            self.tar.tarstream.close()
-        except Exception:
-            pass
-        self.files.abort()
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _tar_keys(path: Path) -> set[str]:
-    with tarfile.open(path) as tar:  # headers only: members' data is skipped by seeking
-        return {name.split("/")[-1].split(".", 1)[0] for name in tar.getnames()}
-
-
-def _finished(out_dir: Path, unit: _Unit, settings: dict, full: bool) -> dict | None:
-    """The sidecar of ``unit`` if the shard is complete and made with ``settings``, else None."""
-    tar = out_dir / unit.name
-    try:
-        info = json.loads(_sidecar(tar).read_text())
-        ok = info["settings"] == settings and info["source"] == unit.source and tar.stat().st_size == info["bytes"]
-        return info if ok and (not full or len(_tar_keys(tar)) == info["num_samples"]) else None
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _settings_problems(out_dir: Path, splits: dict[str, dict], identity: str, dtype: str,
-                       latent_shape: list[int], text_id: dict | None) -> list[str]:
-    """Where an existing cache in ``out_dir`` (its manifest, or shards of an unfinished run) differs from this run."""
-    problems = []
-    old = _read_json(out_dir / MANIFEST_NAME)
-    if isinstance(old, dict):
-        ae = old.get("autoencoder") or {}
-        was = {"autoencoder": ae.get("identity"), "dtype": old.get("dtype"), "latent_shape": old.get("latent_shape"),
-               "text_encoder": (old.get("text_encoder") or {}).get("identity")}
-        now = {"autoencoder": identity, "dtype": dtype, "latent_shape": latent_shape, "text_encoder": text_id}
-        problems += [f"{MANIFEST_NAME}: {k} {was[k]} (from {ae.get('ckpt_path')}) vs {now[k]} now"
-                     for k in now if was[k] != now[k]]
-    for split, settings in splits.items():
-        for side in sorted((out_dir / split).glob("shard-*.json")):
-            old = (_read_json(side) or {}).get("settings")
-            if not isinstance(old, dict):
-                continue
-            diff = [f"{k} {old.get(k)} vs {v} now" for k, v in settings.items() if old.get(k) != v]
-            if diff:
-                problems.append(f"{side.relative_to(out_dir)}: " + "; ".join(diff))
-                break
-    return problems
-
-
-def _clean(out_dir: Path, splits: Sequence[str], keep: dict[str, int], everything: bool) -> None:
-    """Delete temporary files, shards beyond this run's plan, or (``everything``) all shards and the manifest."""
-    if everything:
-        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    for split in splits:
-        for path in (out_dir / split).glob("shard-*"):
-            stem = path.name.split(".", 1)[0]
-            stale = ".tmp-" in path.name or not stem[6:].isdigit() or int(stem[6:]) >= keep.get(split, 0)
-            if everything or stale:
-                path.unlink(missing_ok=True)
-    for tmp in out_dir.glob(f"{MANIFEST_NAME}.tmp-*"):
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------- encoding
@@ -354,21 +128,21 @@ def _encode_batch(job: _Job, images: Tensor, meta: list[dict], where: str) -> di
     return arrays
 
 
-def _encode_units(job: _Job, datasets: dict[str, Any], units: list[_Unit], batch_size: int, num_workers: int,
+def _encode_units(job: _Job, datasets: dict[str, Any], units: list[ShardUnit], batch_size: int, num_workers: int,
                   show: bool, on_shard_done: Callable[[str], None] | None) -> None:
-    loader = DataLoader(_UnitStream(datasets, units, batch_size), batch_size=None, num_workers=num_workers,
+    loader = DataLoader(UnitStream(datasets, units, batch_size), batch_size=None, num_workers=num_workers,
                         pin_memory=job.device.type == "cuda")
     total = None if any(u.url for u in units) else sum(u.stop - u.start for u in units)
     bar = tqdm(total=total, unit="img", disable=not show, dynamic_ncols=True,
                desc=f"encoding (rank {job.rank} of {job.world})")
-    writers: dict[_Unit, _ShardWriter] = {}
+    writers: dict[ShardUnit, ShardWriter] = {}
     started, images = time.perf_counter(), 0
     try:
         with torch.inference_mode():
             for item in loader:
                 unit = item["unit"]
                 if unit not in writers:
-                    writers[unit] = _ShardWriter(job.out_dir / unit.name, unit.index)
+                    writers[unit] = ShardWriter(job.out_dir / unit.name, unit.index)
                 writer = writers[unit]
                 if item["images"] is not None:
                     writer.write(_encode_batch(job, item["images"], item["meta"], unit.name), item["meta"])
@@ -377,7 +151,7 @@ def _encode_units(job: _Job, datasets: dict[str, Any], units: list[_Unit], batch
                 if item["last"]:
                     del writers[unit]
                     size = writer.finish()
-                    _write_json(_sidecar(job.out_dir / unit.name), {
+                    write_json(sidecar_path(job.out_dir / unit.name), {
                         "name": unit.name, "num_samples": writer.count, "bytes": size, "source": unit.source,
                         "settings": job.settings[unit.split], "n_bad": writer.n_bad, "labels": writer.labels,
                         "context_shape": writer.context_shape, "rank": job.rank, "world_size": job.world,
@@ -484,8 +258,8 @@ def build_cache(
     if text_encoder is not None:
         text_encoder = text_encoder.to(device).eval()
         text_id = json.loads(json.dumps(text_encoder.identity()))  # as it reads back from JSON
-    datasets = {split: cache_dataset(data_module, split) for split in splits}
-    plans = {split: _plan(split, ds, shard_size, max_images) for split, ds in datasets.items()}
+    datasets = {split: canonical_dataset(data_module, split) for split in splits}
+    plans = {split: plan_units(split, ds, shard_size, max_images) for split, ds in datasets.items()}
     # image side from the first sample (map-style) or the shard reader's transform (webdataset)
     first = datasets[splits[0]]
     side = first.transform.resolution if isinstance(first, IterableDataset) else int(first[0]["image"].shape[-1])
@@ -496,14 +270,14 @@ def build_cache(
                         "shard_size": None if isinstance(ds, IterableDataset) else shard_size}
                 for split, ds in datasets.items()}
 
-    problems = [] if overwrite else _settings_problems(out_dir, settings, identity, dtype, latent_shape, text_id)
+    problems = [] if overwrite else settings_problems(out_dir, settings, identity, dtype, latent_shape, text_id)
     if problems:
         raise ValueError(f"{out_dir} holds a latent cache made with other settings:\n  - " + "\n  - ".join(problems)
                          + "\nPass overwrite=true to replace it, or choose another out_dir.")
-    previous = None if overwrite else _read_json(out_dir / MANIFEST_NAME)
+    previous = None if overwrite else read_json(out_dir / MANIFEST_NAME)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _clean(out_dir, splits, {s: len(p) for s, p in plans.items()}, everything=overwrite)
+        clean_cache_dir(out_dir, splits, {s: len(p) for s, p in plans.items()}, everything=overwrite)
         for split in splits:
             (out_dir / split).mkdir(exist_ok=True)
     _barrier(device)
@@ -512,7 +286,7 @@ def build_cache(
                latent_shape, out_dir, settings, rank, world)
     units = [u for split in splits for u in plans[split]]
     mine = [u for k, u in enumerate(units) if k % world == rank]
-    pending = [u for u in mine if _finished(out_dir, u, settings[u.split], full=True) is None]
+    pending = [u for u in mine if finished_shard(out_dir, u, settings[u.split], full=True) is None]
     log.info("rank %d/%d: %d of its %d shards to write (%d already done) -> %s", rank, world, len(pending),
              len(mine), len(mine) - len(pending), out_dir)
     if pending:
@@ -531,7 +305,7 @@ def build_cache(
             "latent_stats": stats, "latent_shape": latent_shape, "dtype": dtype, "resolution": side,
             "precision": precision, "shard_size": shard_size, "world_size": world,
             "dataset": getattr(data_module, "describe", data_module.__repr__)(),
-            "splits": {split: _split_entry(out_dir, plans[split], settings[split]) for split in splits},
+            "splits": {split: split_entry(out_dir, plans[split], settings[split]) for split in splits},
         }
         # splits cached into this folder earlier with the same settings (checked above) stay listed
         for split, entry in (previous or {}).get("splits", {}).items():
@@ -541,26 +315,11 @@ def build_cache(
         manifest["text_encoder"] = None if text_id is None else {"identity": text_id, "context_shape": context}
         manifest["fields"] = ["mean", "logvar", "caption", "attributes", "key"] + ["label"] * labels + (
             ["context", "context_mask"] if text_id is not None else [])
-        _write_json(out_dir / MANIFEST_NAME, manifest)
+        write_json(out_dir / MANIFEST_NAME, manifest)
         log.info("latent cache %s: %s", out_dir, ", ".join(f"{s} {v['num_samples']} samples in {len(v['shards'])} "
                                                             "shards" for s, v in manifest["splits"].items()))
     _barrier(device)
     return json.loads((out_dir / MANIFEST_NAME).read_text())
-
-
-def _split_entry(out_dir: Path, plan: list[_Unit], settings: dict) -> dict[str, Any]:
-    infos = []
-    for unit in plan:
-        info = _finished(out_dir, unit, settings, full=False)
-        if info is None:
-            raise RuntimeError(f"shard {unit.name} is missing or incomplete after all ranks finished; rerun the "
-                               "same command to resume")
-        infos.append(info)
-    return {"num_samples": sum(i["num_samples"] for i in infos), "source": settings["source"],
-            "n_bad": sum(i["n_bad"] for i in infos), "labels": any(i["labels"] for i in infos),
-            "context_shape": next((i["context_shape"] for i in infos if i["context_shape"]), None),
-            "shards": [{"name": i["name"], "num_samples": i["num_samples"], "bytes": i["bytes"]}
-                       for i in infos if i["num_samples"] > 0]}
 
 
 # --------------------------------------------------------------------------------------- Hydra entry

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.atomic import atomic_write_stream
 from ldm.generate import LatentDiffusion
 from ldm.models.latent_stats import latent_statistics
 
@@ -26,19 +26,7 @@ _ALLOWED_TARGET_ROOTS = ("ldm.", "torch.")
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file beside ``path`` then rename, so ``path`` is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_stream(path, lambda f: torch.save(obj, f), fsync=True)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

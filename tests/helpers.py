@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -49,3 +50,10 @@ TINY_RUN = [
     "trainer.log_every_n_steps=1",
     "latent_stats_images=8",
 ]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for torchrun's rendezvous in tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
@@ -23,15 +23,14 @@ import ldm.cache
 from ldm.cache import build_cache
 from ldm.checkpoint import build_autoencoder, load_checkpoint
 from ldm.data.datamodules import ImageDataModule
+from ldm.data.latent_format import autoencoder_identity, check_cache_compatible, read_manifest
 from ldm.data.latents import (
     LatentDataModule,
     LatentMemoryDataset,
     LatentShardDataset,
-    autoencoder_identity,
-    check_cache_compatible,
+    channel_spread_problem,
     denormalize_latents,
     normalize_latents,
-    read_manifest,
     sample_posterior,
 )
 from ldm.data.shapes import ShapesDataset
@@ -443,18 +442,12 @@ def test_cli_end_to_end(stage1_ckpt, tmp_path):
     assert proc.returncode != 0 and "shard_sz" in proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_with_torchrun(stage1_ckpt, tmp_path):
     out = tmp_path / "cache"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-         f"--master_port={_free_port()}", "-m", "ldm.cache", *_cli_args(stage1_ckpt, out), "device=cpu"],
+         f"--master_port={free_port()}", "-m", "ldm.cache", *_cli_args(stage1_ckpt, out), "device=cpu"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -470,3 +463,12 @@ def test_two_ranks_with_torchrun(stage1_ckpt, tmp_path):
     assert list(ranks.values()) == [0, 1, 0, 1]
     assert len(keys) == len(set(keys)) == 16
     assert set(keys) == {f"shapes/train/{i:07d}" for i in range(12)} | {f"shapes/val/{i:07d}" for i in range(4)}
+
+
+def test_wide_channel_spread_is_flagged_under_scale_norm():
+    # stds of a real stage-1 run whose KL term let one channel grow (benchmarks/results/eval_h200.json, run A)
+    wide = {"std": [4.13, 342.8, 1.23, 4.10], "scale": 0.0058, "shift": 1.82, "mean": [3.0, 1.5, 1.7, 1.2]}
+    message = channel_spread_problem(wide, "scale")
+    assert message is not None and "279x apart" in message and "latent_norm=channel" in message
+    assert channel_spread_problem(wide, "channel") is None
+    assert channel_spread_problem({**wide, "std": [2.24, 1.51, 1.55, 5.07]}, "scale") is None  # 3.4x: fine

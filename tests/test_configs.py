@@ -142,3 +142,25 @@ def test_cli_fails_fast_with_clear_error(tmp_path):
     assert proc.returncode != 0
     assert "resolution=30 is not divisible" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("data", _options("data"))
+def test_evaluate_config_composes(data, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for sampler in _options("sampler"):
+            cfg = compose("evaluate", overrides=[f"data={data}", f"sampler={sampler}", "ckpt=x.ckpt", "resolution=32"],
+                          return_hydra_config=True)
+            with open_dict(cfg):
+                cfg.hydra.runtime.output_dir = str(tmp_path)
+            HydraConfig.instance().set_config(cfg)
+            with open_dict(cfg):
+                del cfg["hydra"]
+            out = OmegaConf.to_container(cfg, resolve=True)
+            assert out["task"] == "auto" and out["extractor"] == "vgg16" and out["sampler"]["name"] == sampler
+            assert out["data"]["dataset"]["resolution"] == 32 and out["stats_dir"] and out["results_csv"]

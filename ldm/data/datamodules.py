@@ -8,7 +8,9 @@ partial: ``dataset: {_target_: ldm.data.shapes.ShapesDataset, _partial_: true, r
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
@@ -140,3 +142,21 @@ class ImageDataModule:
 
     def __repr__(self) -> str:
         return self.describe()
+
+
+# Center crop, no flip, no shuffling, one pass: how the latent cache and evaluate.py read a split.
+CANONICAL_VIEW = {"crop": "center", "flip": False, "shuffle_buffer": 0, "epoch_size": None}
+
+
+def canonical_dataset(data_module: Any, split: str) -> Dataset:
+    """The ``split`` dataset of an ``ImageDataModule`` (or anything with ``dataset(split)``) in the canonical
+    view: its factory is called again with the ``CANONICAL_VIEW`` arguments it accepts, so training-time
+    augmentation (random crops, flips, shuffle buffers, epoch sizes) never reaches a cache or an evaluation."""
+    factory = getattr(data_module, "dataset_factory", None)
+    if factory is None:
+        return data_module.dataset(split)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return factory(split=split, **{k: v for k, v in CANONICAL_VIEW.items() if k in params})

@@ -1,10 +1,8 @@
 """Cached latents for stage 2: posterior sampling, normalisation, and the datasets that read a latent cache.
 
 A cache (written by ``python -m ldm.cache``, see ``ldm/cache.py``) is a folder with ``manifest.json`` and
-``<split>/shard-NNNNNN.tar`` webdataset shards. A sample ``<key>`` holds ``<key>.mean.npy`` and
-``<key>.logvar.npy`` (the posterior q(z|x) of the frozen autoencoder, [C, h, w], float16 or float32),
-``<key>.json`` ({"caption", "attributes" (JSON text), "key" (the dataset's own key), optional "label"}) and,
-when a frozen text encoder was cached, ``<key>.context.npy`` [L, D] and ``<key>.context_mask.npy`` [L] (bool).
+``<split>/shard-NNNNNN.tar`` webdataset shards of the posterior mean/logvar, captions and optional text embeddings;
+its format (manifest, sample codec) is in ``ldm/data/latent_format.py``, whose manifest API is re-exported here.
 
 Storing the posterior rather than one sample lets training draw a fresh z ~ q(z|x) every time an image is seen
 (as EDM2, Karras et al. 2024, App. C), and the stored latent statistics normalise z in one place
@@ -13,29 +11,39 @@ Storing the posterior rather than one sample lets training draw a fresh z ~ q(z|
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import webdataset as wds
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ldm.data.common import stable_hash
 from ldm.data.datamodules import EpochShuffleSampler
+from ldm.data.latent_format import (
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    LIST_FIELDS,
+    MANIFEST_NAME,
+    autoencoder_identity,
+    check_cache_compatible,
+    collate_latents,
+    iter_shards,
+    read_manifest,
+    split_info,
+)
 from ldm.models.distributions import LOGVAR_MAX, LOGVAR_MIN
 
-CACHE_FORMAT = "ldm-latent-cache"
-CACHE_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+__all__ = [  # own names, then the manifest API of ldm.data.latent_format (imported from here before the split)
+    "NORM_MODES", "LatentDataModule", "LatentMemoryDataset", "LatentShardDataset", "denormalize_latents",
+    "normalize_latents", "sample_posterior",
+    "CACHE_FORMAT", "CACHE_VERSION", "MANIFEST_NAME", "autoencoder_identity", "check_cache_compatible",
+    "collate_latents", "read_manifest", "split_info",
+]
 NORM_MODES = ("scale", "channel")
-_LIST_FIELDS = ("caption", "attributes", "key")
 
 
 # ------------------------------------------------------------------------------------- sampling & norm
@@ -87,142 +95,27 @@ def denormalize_latents(z: Tensor, stats: Mapping[str, Any], mode: str = "scale"
     return z / mult + offset
 
 
-# -------------------------------------------------------------------------------- identity & manifest
-
-def autoencoder_identity(model: nn.Module) -> str:
-    """sha256 (hex) over the state dict, keys sorted: name, dtype, shape and raw bytes of every tensor.
-
-    Two autoencoders with equal identity produce bit-identical latents on the same hardware, so a cache
-    made with one can train a model that decodes with the other.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+# Under latent_norm=scale, channels whose std differs from the largest by more than this factor end up
+# almost constant next to the noise: the U-Net sees mostly the widest channel.
+CHANNEL_SPREAD_LIMIT = 10.0
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of the cache folder ``path`` (or of the manifest file itself)."""
-    path = Path(path)
-    file = path if path.name == MANIFEST_NAME else path / MANIFEST_NAME
-    if not file.is_file():
-        hint = (" Its shards are there, so a cache run was interrupted: rerun the same command to finish it."
-                if any(path.glob("*/shard-*.tar")) else "")
-        raise FileNotFoundError(
-            f"{path} is not a latent cache (no {MANIFEST_NAME}).{hint} Build one with "
-            f"`python -m ldm.cache ckpt=<stage-1 checkpoint> out_dir={path}`.")
-    manifest = json.loads(file.read_text())
-    if manifest.get("format") != CACHE_FORMAT or manifest.get("version") != CACHE_VERSION:
-        raise ValueError(f"{file} is not an {CACHE_FORMAT} manifest of version {CACHE_VERSION} "
-                         f"(format={manifest.get('format')!r}, version={manifest.get('version')!r}); rebuild it")
-    return manifest
+def channel_spread_problem(stats: Mapping[str, Any], mode: str) -> str | None:
+    """A warning text when ``mode == "scale"`` and the per-channel latent stds differ by more than
+    ``CHANNEL_SPREAD_LIMIT`` (an autoencoder whose KL term let one channel grow), else None."""
+    std = [float(s) for s in stats.get("std") or []]
+    if mode != "scale" or not std or min(std) <= 0:
+        return None
+    ratio = max(std) / min(std)
+    if ratio <= CHANNEL_SPREAD_LIMIT:
+        return None
+    return (f"the autoencoder's latent channels have stds {[round(s, 3) for s in std]} ({ratio:.0f}x apart): "
+            f"latent_norm=scale divides all by one sigma, leaving the narrow channels nearly constant under "
+            f"the noise. latent_norm=channel normalises each channel (EDM2); consider it, or a stage-1 run "
+            f"with a larger loss.kl_weight")
 
 
-def _stats_differ(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    keys = ("scale", "shift", "mean", "std")
-    out = []
-    for k in keys:
-        x, y = np.atleast_1d(np.asarray(a.get(k), dtype=float)), np.atleast_1d(np.asarray(b.get(k), dtype=float))
-        if x.shape != y.shape or not np.allclose(x, y, rtol=1e-6, atol=0.0):
-            out.append(f"{k}: cache {a.get(k)} vs autoencoder {b.get(k)}")
-    return out
-
-
-def check_cache_compatible(manifest: Mapping[str, Any], identity: str | None = None,
-                           latent_shape: Sequence[int] | None = None, stats: Mapping[str, Any] | None = None,
-                           text_encoder: nn.Module | Mapping[str, Any] | None = None) -> None:
-    """Refuse a cache that does not belong to the configured autoencoder (and frozen text encoder).
-
-    Args (each None = not checked):
-        identity: ``autoencoder_identity`` of the configured autoencoder.
-        latent_shape: expected (C, h, w) of a latent.
-        stats: the autoencoder's latent statistics (from its checkpoint).
-        text_encoder: the condition encoder (or its ``identity()`` dict). Only compared when the cache holds
-            embeddings and the encoder is frozen: a trainable encoder ignores cached embeddings.
-    Raises ValueError naming the cached and the configured value.
-    """
-    source = manifest.get("autoencoder", {}).get("ckpt_path")
-    problems = []
-    cached_id = manifest.get("autoencoder", {}).get("identity")
-    if identity is not None and cached_id != identity:
-        problems.append(f"autoencoder identity: cache {cached_id} (from {source}) vs configured {identity}")
-    if latent_shape is not None and list(manifest.get("latent_shape", [])) != [int(s) for s in latent_shape]:
-        problems.append(f"latent shape: cache {manifest.get('latent_shape')} vs configured {list(latent_shape)}")
-    if stats is not None:
-        problems += [f"latent statistics {p}" for p in _stats_differ(manifest.get("latent_stats") or {}, stats)]
-    cached_text = (manifest.get("text_encoder") or {}).get("identity")
-    if text_encoder is not None and cached_text is not None:
-        frozen = isinstance(text_encoder, Mapping) or not getattr(text_encoder, "trainable", False)
-        wanted = dict(text_encoder) if isinstance(text_encoder, Mapping) else text_encoder.identity()
-        if frozen and wanted != cached_text:
-            problems.append(f"text encoder: cache {cached_text} vs configured {wanted}")
-    if problems:
-        raise ValueError("the latent cache does not match the configured model:\n  - " + "\n  - ".join(problems)
-                         + "\nRebuild the cache for this autoencoder (python -m ldm.cache ... overwrite=true) or "
-                           "point at the cache that was made with it.")
-
-
-def split_info(manifest: Mapping[str, Any], split: str) -> dict[str, Any]:
-    """The manifest entry of ``split`` ({"num_samples", "shards": [{"name", "num_samples", "bytes"}], ...})."""
-    splits = manifest.get("splits", {})
-    if split not in splits:
-        raise ValueError(f"the latent cache has no {split!r} split (it has {sorted(splits)}); rebuild it with "
-                         f"splits=[{', '.join(sorted(set(splits) | {split}))}]")
-    return splits[split]
-
-
-# --------------------------------------------------------------------------------------- sample codec
-
-def encode_array(array: np.ndarray) -> bytes:
-    """A numpy array as .npy bytes (shape and dtype in the header, no pickle)."""
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def decode_array(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def decode_sample(raw: Mapping[str, Any], float32: bool = True) -> dict[str, Any]:
-    """A raw webdataset sample of a cache shard -> the sample dict (see the module docstring).
-
-    ``float32=False`` keeps the stored dtype (for holding a whole split in memory)."""
-    def tensor(name: str, dtype: Any) -> Tensor:
-        arr = decode_array(raw[name])
-        return torch.from_numpy(arr.astype(dtype if dtype is not None else arr.dtype))  # astype: a writable copy
-
-    floats = np.float32 if float32 else None
-    meta = json.loads(raw["json"])
-    out = {"mean": tensor("mean.npy", floats), "logvar": tensor("logvar.npy", floats),
-           "caption": meta["caption"], "attributes": meta["attributes"], "key": meta["key"]}
-    if "label" in meta:
-        out["label"] = int(meta["label"])
-    if "context.npy" in raw:
-        out["context"] = tensor("context.npy", floats)
-        out["context_mask"] = tensor("context_mask.npy", bool)
-    return out
-
-
-def collate_latents(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack tensors (label -> LongTensor [B]); caption, attributes and key stay lists of str."""
-    batch = {k: [s[k] for s in samples] for k in _LIST_FIELDS}
-    batch.update(default_collate([{k: v for k, v in s.items() if k not in _LIST_FIELDS} for s in samples]))
-    return batch
-
-
-def _all(src):  # webdataset node/worker splitter that keeps everything (we split ourselves)
-    return src
-
-
-def _iter_shards(urls: Sequence[str], float32: bool = True) -> Iterator[dict]:
-    """Every sample of ``urls``, in order, decoded."""
-    pipeline = wds.WebDataset(list(urls), shardshuffle=False, empty_check=False, nodesplitter=_all,
-                              workersplitter=_all)
-    return (decode_sample(raw, float32) for raw in pipeline)
-
+# ------------------------------------------------------------------------------------------- datasets
 
 def _buffer_shuffle(items: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
     """Shuffle a stream through a buffer of ``size`` samples (as webdataset's ``shuffle``); size <= 1: as is."""
@@ -241,10 +134,8 @@ def _buffer_shuffle(items: Iterator[dict], size: int, rng: random.Random) -> Ite
     yield from buf
 
 
-# ------------------------------------------------------------------------------------------- datasets
-
 class LatentShardDataset(IterableDataset):
-    """Streams one split of a latent cache (see the module docstring), decoded to float32 tensors.
+    """Streams one split of a latent cache (format: ``ldm/data/latent_format.py``), decoded to float32 tensors.
 
     Splitting across DDP ranks and DataLoader workers (rank/world from RANK/WORLD_SIZE or torch.distributed,
     else from where the dataset was built, as ``ldm.data.shards.WebDatasetImages``):
@@ -310,7 +201,7 @@ class LatentShardDataset(IterableDataset):
                 rng = random.Random(base + passes)
                 order = rng.sample(mine, len(mine))
                 before = produced
-                for sample in _buffer_shuffle(_iter_shards(order), self.shuffle_buffer, rng):
+                for sample in _buffer_shuffle(iter_shards(order), self.shuffle_buffer, rng):
                     yield sample
                     produced += 1
                     if produced >= quota:
@@ -324,7 +215,7 @@ class LatentShardDataset(IterableDataset):
         limit = (self.total // world) * world
 
         def mine() -> Iterator[dict]:
-            for pos, sample in enumerate(_iter_shards([u for u, _ in self.shards])):
+            for pos, sample in enumerate(iter_shards([u for u, _ in self.shards])):
                 if pos >= limit:
                     return
                 if pos % world == rank:
@@ -349,12 +240,12 @@ class LatentMemoryDataset(Dataset):
         self.manifest = read_manifest(self.root)
         self.split = split
         urls = [str(self.root / s["name"]) for s in split_info(self.manifest, split)["shards"]]
-        samples = list(_iter_shards(urls, float32=False))
+        samples = list(iter_shards(urls, float32=False))
         if not samples:
             raise ValueError(f"the {split!r} split of {self.root} holds no samples")
         self.tensors = {k: torch.stack([s[k] for s in samples]) for k in ("mean", "logvar", "context",
                                                                           "context_mask") if k in samples[0]}
-        self.lists = {k: [s[k] for s in samples] for k in _LIST_FIELDS}
+        self.lists = {k: [s[k] for s in samples] for k in LIST_FIELDS}
         self.labels = torch.tensor([s["label"] for s in samples]) if "label" in samples[0] else None
 
     def __len__(self) -> int:

@@ -187,24 +187,25 @@ class WebDatasetImages(IterableDataset):
             return itertools.islice(src, worker, None, active)
 
         pipeline = wds.WebDataset(
-            self.urls, handler=self._on_error, seed=seed % 2**63, empty_check=False,
+            self.urls, handler=self.on_error, seed=seed % 2**63, empty_check=False,
             shardshuffle=len(self.urls) if self.training else False,
             nodesplitter=split_by_rank, workersplitter=split_by_active_worker,
         )
         if self.shuffle_buffer > 1:
             pipeline = pipeline.shuffle(self.shuffle_buffer, rng=random.Random(seed + 1))
         for raw in pipeline:
-            sample = self._decode(raw)
+            sample = self.decode(raw)
             if sample is not None:
                 yield sample
 
-    def _on_error(self, exn: Exception) -> bool:
+    def on_error(self, exn: Exception) -> bool:
         """webdataset handler: count the broken tar/member and keep going (``failed`` raises past the limit)."""
         where = next((a for a in exn.args if isinstance(a, str) and ".tar" in a), "shard")
         self.bad.failed(f"{where} (tar error #{self.bad.bad + 1})", exn)
         return True
 
-    def _decode(self, raw: dict) -> dict | None:
+    def decode(self, raw: dict) -> dict | None:
+        """A raw webdataset sample -> the sample dict this dataset yields, or None (counted in ``self.bad``)."""
         key = str(raw.get("__key__", ""))
         name = f"{raw.get('__url__', '?')}:{key}"
         ext = next((e for e in IMAGE_KEYS if e in raw), None)
@@ -247,7 +248,7 @@ def encode_image(image: Tensor | np.ndarray | Image.Image, image_format: str = "
     return buf.getvalue()
 
 
-class _AtomicFiles:
+class AtomicFiles:
     """ShardWriter opener/post hooks: write ``<name>.tmp-<pid>``, rename to ``<name>`` once complete."""
 
     def __init__(self) -> None:
@@ -294,7 +295,7 @@ def write_shards(samples: Iterable[dict], pattern: str, maxcount: int = 1000, im
     check_choice("image_format", image_format, tuple(_PIL_FORMATS))
     if maxcount < 1:
         raise ValueError(f"maxcount must be >= 1, got {maxcount}")
-    files = _AtomicFiles()
+    files = AtomicFiles()
     writer = None
     seen: set[str] = set()
     try:

