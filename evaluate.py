@@ -22,11 +22,12 @@ import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ldm.checkpoint import build_autoencoder, build_latent_diffusion, load_checkpoint
+from ldm.checkpoint import build_autoencoder, build_latent_diffusion
 from ldm.data.datamodules import canonical_dataset
 from ldm.data.shapes import ShapesDataset
 from ldm.evaluation import evaluate_generation, evaluate_image_sets, evaluate_reconstruction
 from ldm.evaluation.distributed import broadcast_object, init_distributed, resolve_device
+from ldm.export import read_any
 from ldm.losses.lpips import build_lpips
 from ldm.metrics.features import build_extractor
 from ldm.metrics.report import (
@@ -55,8 +56,11 @@ def pick_task(cfg: DictConfig) -> tuple[str, dict[str, Any] | None]:
         return "fid", None
     if cfg.ckpt is None:
         raise ValueError("pass ckpt=<checkpoint written by train.py> (stage 1 or 2), or task=fid real=... fake=...")
-    ckpt = load_checkpoint(cfg.ckpt)
+    ckpt = read_any(cfg.ckpt, autoencoder_preset=cfg.autoencoder_preset)  # ours, an export, or a pretrained VAE
     stage = ckpt["ldm"]["stage"]
+    if stage not in TASKS:
+        raise ValueError(f"ckpt={cfg.ckpt} holds a U-Net only: evaluate a stage-2 checkpoint (with its autoencoder) "
+                         "or an autoencoder")
     if cfg.task not in ("auto", TASKS[stage]):
         wanted = "a stage-1 (autoencoder)" if cfg.task == "recon" else "a stage-2 (ldm)"
         raise ValueError(f"task={cfg.task} needs {wanted} checkpoint, but ckpt={cfg.ckpt} is a {stage!r} "

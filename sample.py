@@ -21,7 +21,7 @@ from omegaconf import DictConfig, ListConfig
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from ldm.checkpoint import build_latent_diffusion
+from ldm.export import load_latent_diffusion
 from ldm.generate import generate
 
 log = logging.getLogger("ldm.sample")
@@ -59,7 +59,7 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
 def sample(cfg: DictConfig) -> Path:
     prompts = read_prompts(cfg)
     device = pick_device(str(cfg.device))
-    model = build_latent_diffusion(cfg.ckpt, use_ema=cfg.use_ema).to(device)
+    model = load_latent_diffusion(cfg.ckpt, use_ema=cfg.use_ema).to(device)
     steps = int(cfg.steps if cfg.steps is not None else cfg.sampler.steps)
     cfg_scale = float(cfg.cfg_scale if cfg.cfg_scale is not None else cfg.sampler.cfg_scale)
     n = int(cfg.n)

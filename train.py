@@ -22,10 +22,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ldm.cache import build_cache
-from ldm.checkpoint import add_latent_stats, build_autoencoder, load_checkpoint
+from ldm.cache import build_cache, read_stage1_checkpoint, with_latent_stats
+from ldm.checkpoint import add_latent_stats, build_autoencoder
 from ldm.data.latent_format import autoencoder_identity, check_cache_compatible, read_manifest
 from ldm.data.latents import channel_spread_problem
+from ldm.export import load_unet, read_any
+from ldm.interop.sources import strict_load
 from ldm.lit.callbacks import AtomicCheckpointIO
 from ldm.losses.lpips import lpips_min_input_size
 from ldm.models.discriminator import patchgan_min_input_size
@@ -64,8 +66,10 @@ def _ldm_problems(cfg: DictConfig) -> list[str]:
     if OmegaConf.is_missing(cfg, "autoencoder_ckpt"):
         problems.append("stage=ldm needs the stage-1 checkpoint: autoencoder_ckpt=outputs/autoencoder/<run>/"
                         "checkpoints/last.ckpt (train one with `python train.py`)")
-    elif not Path(cfg.autoencoder_ckpt).is_file():
+    elif not Path(cfg.autoencoder_ckpt).exists():
         problems.append(f"autoencoder_ckpt={cfg.autoencoder_ckpt} does not exist")
+    if cfg.unet_pretrained is not None and not Path(cfg.unet_pretrained).exists():
+        problems.append(f"unet_pretrained={cfg.unet_pretrained} does not exist")
     if cfg.latent_norm not in ("scale", "channel"):
         problems.append(f"latent_norm={cfg.latent_norm!r}: use scale or channel")
     return problems
@@ -155,25 +159,35 @@ def build_autoencoder_stage(cfg: DictConfig, config: dict):
 
 
 def build_ldm_stage(cfg: DictConfig, config: dict):
-    """Frozen autoencoder from its checkpoint, the latent cache (built here when missing), U-Net, condition."""
-    ae_ckpt = load_checkpoint(cfg.autoencoder_ckpt)
+    """Frozen autoencoder (a stage-1 run of ours or a pretrained one), the latent cache (built here when missing),
+    U-Net (optionally from pretrained weights), condition encoder."""
+    ae_ckpt = read_any(cfg.autoencoder_ckpt, autoencoder_preset=cfg.autoencoder_preset)
     if ae_ckpt["ldm"]["stage"] != "autoencoder":
         raise ValueError(f"autoencoder_ckpt={cfg.autoencoder_ckpt} is a {ae_ckpt['ldm']['stage']!r} checkpoint; "
-                         "stage 2 needs a stage-1 (autoencoder) checkpoint")
+                         "stage 2 needs a stage-1 (autoencoder) checkpoint or a pretrained autoencoder")
     autoencoder, stats = build_autoencoder(ae_ckpt)
-    if (problem := channel_spread_problem(stats, str(cfg.latent_norm))) is not None:
-        log.warning(problem)
     identity = autoencoder_identity(autoencoder)
     text_encoder = instantiate(cfg.text_encoder)
     cache_dir = Path(cfg.cache_dir or default_cache_dir(cfg, identity))
     if not (cache_dir / "manifest.json").is_file():
         log.info("no latent cache in %s: building it now (python -m ldm.cache does this on its own)", cache_dir)
-        build_cache(cfg.autoencoder_ckpt, instantiate(cfg.data), cache_dir, **cfg.cache)
-    data = instantiate(cfg.latent_data, path=str(cache_dir))
+        data = instantiate(cfg.data)
+        ae_ckpt = read_stage1_checkpoint(ae_ckpt)  # checks that a checkpoint of ours holds its statistics
+        ae_ckpt = with_latent_stats(ae_ckpt, data, int(cfg.latent_stats_images), seed=int(cfg.seed))
+        build_cache(ae_ckpt, data, cache_dir, ckpt_path=cfg.autoencoder_ckpt, **cfg.cache)
     manifest = read_manifest(cache_dir)
+    if stats is None and manifest.get("autoencoder", {}).get("identity") == identity:
+        stats = manifest["latent_stats"]  # an imported autoencoder's statistics: measured once, kept in the cache
+    if (problem := channel_spread_problem(stats or {}, str(cfg.latent_norm))) is not None:
+        log.warning(problem)
+    data = instantiate(cfg.latent_data, path=str(cache_dir))
     latent_shape = tuple(manifest["latent_shape"])
     check_cache_compatible(manifest, identity, latent_shape=None, stats=stats, text_encoder=text_encoder)
     unet = instantiate(cfg.unet)
+    if cfg.unet_pretrained is not None:  # fine-tuning: the weights must fit the configured architecture
+        spec = OmegaConf.to_container(cfg.unet, resolve=True)
+        strict_load(unet, load_unet(cfg.unet_pretrained, preset=spec).state_dict(), f"unet_pretrained={cfg.unet_pretrained}")
+        log.info("U-Net initialised from %s", cfg.unet_pretrained)
     if unet.in_channels != latent_shape[0]:
         raise ValueError(f"unet.in_channels={unet.in_channels} but the autoencoder's latents have "
                          f"{latent_shape[0]} channels; set unet.in_channels={latent_shape[0]} unet.out_channels="

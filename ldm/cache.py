@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 import ldm
-from ldm.checkpoint import build_autoencoder, load_checkpoint
+from ldm.checkpoint import build_autoencoder
 from ldm.data.datamodules import canonical_dataset
 from ldm.data.latent_format import CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, autoencoder_identity
 from ldm.data.latent_writer import (
@@ -54,6 +54,7 @@ from ldm.data.latent_writer import (
     split_entry,
     write_json,
 )
+from ldm.models.latent_stats import latent_statistics
 
 log = logging.getLogger("ldm.cache")
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -62,23 +63,59 @@ STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ------------------------------------------------------------------------------------------ loading
 
-def read_stage1_checkpoint(ckpt: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """Load a stage-1 checkpoint and check that it is one and holds latent statistics."""
+def read_stage1_checkpoint(ckpt: str | os.PathLike | Mapping[str, Any], preset: Any = None) -> dict[str, Any]:
+    """A stage-1 checkpoint dict from our training checkpoint or any pretrained autoencoder ``ldm.export``
+    imports (an SD / CompVis file, a diffusers folder; ``preset`` names a CompVis file's architecture).
+
+    Our checkpoints must hold latent statistics (train.py stores them when stage 1 finishes); imported
+    autoencoders come without them (``latent_stats`` None; ``with_latent_stats`` computes them).
+    """
+    from ldm.export import read_any  # the Hydra edge that resolves presets
+
     where = "the given checkpoint" if isinstance(ckpt, Mapping) else str(ckpt)
     if not isinstance(ckpt, Mapping):
-        if not Path(ckpt).is_file():
+        if not Path(ckpt).exists():
             raise FileNotFoundError(f"ckpt={ckpt} does not exist; give a stage-1 checkpoint, e.g. "
-                                    "outputs/autoencoder/<run>/checkpoints/last.ckpt (written by python train.py)")
-        ckpt = load_checkpoint(ckpt)
+                                    "outputs/autoencoder/<run>/checkpoints/last.ckpt (written by python train.py), "
+                                    "or a pretrained autoencoder (SD / CompVis file, diffusers folder)")
+        ckpt = read_any(ckpt, autoencoder_preset=preset)
     stage = ckpt["ldm"].get("stage")
     if stage != "autoencoder":
         raise ValueError(f"{where} is a {stage!r} checkpoint; the latent cache needs a stage-1 (autoencoder) "
                          "checkpoint, e.g. outputs/autoencoder/<run>/checkpoints/last.ckpt")
-    if not ckpt["ldm"].get("latent_stats"):
+    if not ckpt["ldm"].get("latent_stats") and "source" not in ckpt["ldm"]:
         raise ValueError(f"{where} has no latent statistics (ckpt['ldm']['latent_stats']). train.py stores them "
                          "when stage-1 training finishes: finish the run (resume=auto), or add them with "
                          "ldm.checkpoint.add_latent_stats(path, image_batches, n_images)")
     return dict(ckpt)
+
+
+def with_latent_stats(ckpt: dict[str, Any], data_module: Any, n_images: int = 2048, device: str | torch.device =
+                      "cpu", seed: int = 0) -> dict[str, Any]:
+    """``ckpt`` with latent statistics: its own, or for an imported autoencoder computed over the first
+    ``n_images`` of ``data_module``'s train split (canonical view), as train.py does after stage 1.
+
+    A global scale the source records (diffusers' ``scaling_factor``, e.g. Stable Diffusion's) replaces the
+    computed one, so that latents match what U-Nets trained with that autoencoder expect; per-channel
+    statistics are always measured (or taken from ``latents_mean`` / ``latents_std`` when recorded).
+    """
+    if ckpt["ldm"].get("latent_stats"):
+        return ckpt
+    device = torch.device(device)
+    model = build_autoencoder(ckpt)[0].requires_grad_(False).to(device)
+    loader = DataLoader(canonical_dataset(data_module, "train"), batch_size=data_module.batch_size,
+                        num_workers=data_module.num_workers)
+    images = (batch["image"].to(device) for batch in loader)
+    stats = latent_statistics(model.encode, images, n_images, generator=torch.Generator(device).manual_seed(seed))
+    stats["measured"] = f"{stats['n_images']} train images of {getattr(data_module, 'describe', data_module.__repr__)()}"
+    if recorded := ckpt["ldm"].get("source_latent_scale"):
+        stats.update(recorded)
+        stats["recorded"] = f"{sorted(recorded)} from the autoencoder's config ({ckpt['ldm']['source']['path']})"
+    log.info("latent statistics of the imported autoencoder: scale=%.5f shift=%.4f (%s)", stats["scale"],
+             stats["shift"], stats.get("recorded", stats["measured"]))
+    ckpt = dict(ckpt)
+    ckpt["ldm"] = {**ckpt["ldm"], "latent_stats": stats}
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------- encoding
@@ -241,6 +278,9 @@ def build_cache(
     if ckpt_path is None and not isinstance(autoencoder_ckpt, Mapping):
         ckpt_path = autoencoder_ckpt
     ckpt = read_stage1_checkpoint(autoencoder_ckpt)
+    if not ckpt["ldm"].get("latent_stats"):
+        raise ValueError(f"the autoencoder of {ckpt_path or 'the given checkpoint'} comes without latent statistics "
+                         "(an imported one): pass with_latent_stats(ckpt, data_module) instead of the path")
     device = _resolve_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -326,11 +366,12 @@ def build_cache(
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Compose the objects ``build_cache`` takes from the ``cache`` config and call it."""
-    ckpt = read_stage1_checkpoint(cfg.ckpt)
+    ckpt = read_stage1_checkpoint(cfg.ckpt, preset=cfg.autoencoder_preset)
     if cfg.resolution is None:  # the autoencoder's training resolution, unless the user sets one
         with open_dict(cfg):
             cfg.resolution = int(ckpt["ldm"]["config"]["resolution"])
     data = hydra.utils.instantiate(cfg.data)
+    ckpt = with_latent_stats(ckpt, data, int(cfg.latent_stats_images), _resolve_device(cfg.device), int(cfg.seed))
     text_encoder = hydra.utils.instantiate(cfg.text_encoder) if cfg.get("text_encoder") is not None else None
     return build_cache(
         ckpt, data, cfg.out_dir, splits=list(cfg.splits), dtype=cfg.dtype, shard_size=cfg.shard_size,

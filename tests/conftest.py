@@ -28,3 +28,11 @@ def stage1_ckpt(tmp_path_factory) -> Path:
     from stage2_fixtures import make_stage1_checkpoint
 
     return make_stage1_checkpoint(tmp_path_factory.mktemp("stage1") / "last.ckpt", resolution=32)
+
+
+@pytest.fixture(scope="session")
+def stage2_ckpt(stage1_ckpt, tmp_path_factory) -> Path:
+    """A stage-2 checkpoint (tiny U-Net + text transformer at random init, the stage-1 autoencoder above)."""
+    from stage2_fixtures import make_stage2_checkpoint
+
+    return make_stage2_checkpoint(tmp_path_factory.mktemp("stage2") / "last.ckpt", stage1_ckpt)

@@ -16,8 +16,9 @@ import torch
 from helpers import TINY_RUN, compose_train, resolved
 from hydra.utils import instantiate
 
-from ldm.checkpoint import atomic_torch_save
+from ldm.checkpoint import atomic_torch_save, build_autoencoder, load_checkpoint
 from ldm.data.datamodules import ImageDataModule
+from ldm.data.latent_format import autoencoder_identity
 from ldm.data.shapes import ShapesDataset
 from ldm.models.latent_stats import latent_statistics
 
@@ -70,4 +71,28 @@ def make_stage1_checkpoint(path: str | Path, resolution: int = 32, seed: int = 0
         "epoch": 0,
     }
     atomic_torch_save(ckpt, path)
+    return path
+
+
+def make_stage2_checkpoint(path: str | Path, stage1_ckpt: str | Path, ema_offset: float = 0.0) -> Path:
+    """A stage-2 checkpoint shaped like the one train.py writes: tiny U-Net + text transformer at random init,
+    the stage-1 autoencoder and its statistics (plumbing tests need no trained U-Net). ``ema_offset`` is added
+    to the EMA copy of the U-Net, so that tests can tell the EMA weights from the raw ones."""
+    path = Path(path)
+    cfg = compose_train(["stage=ldm", "resolution=32", "text_encoder.width=32", "text_encoder.depth=1",
+                         "text_encoder.heads=2", f"autoencoder_ckpt={stage1_ckpt}"], output_dir=path.parent)
+    s1 = load_checkpoint(stage1_ckpt)
+    torch.manual_seed(0)
+    unet, text = instantiate(cfg.unet), instantiate(cfg.text_encoder)
+    state = {f"{prefix}.{k}": v.clone() for prefix, m in (("unet", unet), ("text_encoder", text))
+             for k, v in m.state_dict().items()}
+    state.update({f"unet_ema.{k}": v + ema_offset if v.is_floating_point() else v.clone()
+                  for k, v in unet.state_dict().items()})
+    state.update(s1["state_dict"])
+    ae, stats = build_autoencoder(s1)
+    meta = {"stage": "ldm", "config": resolved(cfg), "latent_stats": stats, "latent_norm": "scale",
+            "latent_shape": [4, 8, 8], "text_encoder": text.identity(),
+            "autoencoder": {"ckpt_path": str(stage1_ckpt), "identity": autoencoder_identity(ae),
+                            "config": s1["ldm"]["config"]["autoencoder"]}}
+    atomic_torch_save({"state_dict": state, "ldm": meta, "global_step": 0, "epoch": 0}, path)
     return path

@@ -164,3 +164,16 @@ def test_evaluate_config_composes(data, tmp_path):
             out = OmegaConf.to_container(cfg, resolve=True)
             assert out["task"] == "auto" and out["extractor"] == "vgg16" and out["sampler"]["name"] == sampler
             assert out["data"]["dataset"]["resolution"] == 32 and out["stats_dir"] and out["results_csv"]
+
+
+def test_export_config_composes_and_names_bad_keys():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("export", overrides=["ckpt=x.ckpt", "out=y", "format=diffusers"])
+        assert (cfg.format, cfg.weights, cfg.dtype) == ("diffusers", "ema", None)
+        with pytest.raises(ConfigCompositionException, match="weight"):
+            compose("export", overrides=["ckpt=x.ckpt", "out=y", "weight=raw"])

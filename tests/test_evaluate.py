@@ -15,17 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CONFIG_DIR, compose_train, free_port, resolved
+from helpers import CONFIG_DIR, free_port
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import open_dict
 from PIL import Image
 
 import evaluate
-from ldm.checkpoint import atomic_torch_save, build_autoencoder, load_checkpoint
-from ldm.data.latents import autoencoder_identity
+from ldm.checkpoint import build_autoencoder
 from ldm.data.shapes import ShapesDataset
 from ldm.losses.lpips import build_lpips
 from ldm.metrics.features import build_extractor
@@ -63,28 +61,6 @@ def vgg32():
 def fast_vgg(vgg32, monkeypatch):
     monkeypatch.setattr(evaluate, "build_extractor", lambda name, weights=None: vgg32)
     return vgg32
-
-
-@pytest.fixture(scope="module")
-def stage2_ckpt(stage1_ckpt, tmp_path_factory) -> Path:
-    """A stage-2 checkpoint shaped like the one train.py writes: tiny U-Net + text transformer at random init,
-    the stage-1 autoencoder and its statistics (evaluation plumbing needs no trained U-Net)."""
-    path = tmp_path_factory.mktemp("stage2") / "last.ckpt"
-    cfg = compose_train(["stage=ldm", "resolution=32", "text_encoder.width=32", "text_encoder.depth=1",
-                         "text_encoder.heads=2", f"autoencoder_ckpt={stage1_ckpt}"], output_dir=path.parent)
-    s1 = load_checkpoint(stage1_ckpt)
-    torch.manual_seed(0)
-    unet, text = instantiate(cfg.unet), instantiate(cfg.text_encoder)
-    state = {f"{prefix}.{k}": v.clone() for prefix, m in (("unet", unet), ("unet_ema", unet), ("text_encoder", text))
-             for k, v in m.state_dict().items()}
-    state.update(s1["state_dict"])
-    ae, stats = build_autoencoder(s1)
-    meta = {"stage": "ldm", "config": resolved(cfg), "latent_stats": stats, "latent_norm": "scale",
-            "latent_shape": [4, 8, 8], "text_encoder": text.identity(),
-            "autoencoder": {"ckpt_path": str(stage1_ckpt), "identity": autoencoder_identity(ae),
-                            "config": s1["ldm"]["config"]["autoencoder"]}}
-    atomic_torch_save({"state_dict": state, "ldm": meta, "global_step": 0, "epoch": 0}, path)
-    return path
 
 
 def _lpips_package(net: str, ours):

@@ -56,11 +56,17 @@ PROMPTS_NAME = "prompts.jsonl"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, read in 16 MiB blocks (identifies the checkpoint the images came from)."""
+    """sha256 of a file, read in 16 MiB blocks (identifies the checkpoint the images came from); of a folder
+    (a diffusers export), over its files' relative names and contents in sorted order."""
+    path = Path(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

@@ -1,0 +1,263 @@
+"""Read weights from any source ldm understands and bring them into the form of our own checkpoints.
+
+Sources (a path to a file or a folder):
+- our training checkpoints (``train.py``'s ``.ckpt``: a Lightning checkpoint with an ``"ldm"`` entry);
+- our exports (``python -m ldm.export``): ``x.safetensors`` + ``x.json``; a diffusers folder with ``ldm.json``;
+  a CompVis-style single file whose metadata holds ``ldm_export``;
+- foreign releases: CompVis / Stable Diffusion single files (``.ckpt`` or ``.safetensors``; autoencoder keys under
+  ``first_stage_model.``, U-Net keys under ``model.diffusion_model.``), standalone CompVis autoencoder
+  checkpoints (``encoder.*`` / ``decoder.*``) and U-Net state dicts (``input_blocks.*``), and diffusers ``AutoencoderKL`` / ``UNet2DConditionModel`` folders
+  or pipeline folders (``vae/``, ``unet/``).
+
+``read_checkpoint`` returns ``{"state_dict": {"autoencoder.*" | "unet.*" | "text_encoder.*": tensor}, "ldm": meta}``
+with meta as ``train.py`` writes it, so ``ldm.checkpoint.build_autoencoder`` / ``build_latent_diffusion`` rebuild
+the models from it. Foreign autoencoders come without latent statistics (``meta["latent_stats"] is None``); the
+scale a diffusers config records is kept in ``meta["source_latent_scale"]``. Pickles are read with
+``torch.load(weights_only=True)``: no code in a checkpoint ever runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from ldm.interop.configs import (
+    attention_levels,
+    infer_unet_kwargs,
+    infer_vae_kwargs,
+    unet_kwargs_from_diffusers,
+    vae_kwargs_from_diffusers,
+    vae_latent_scale,
+)
+from ldm.interop.keymaps import unet_from_diffusers, vae_from_diffusers
+
+AE_TARGET = "ldm.models.autoencoder.AutoencoderKL"
+UNET_TARGET = "ldm.models.unet.UNetModel"
+COMPVIS_AE, COMPVIS_UNET, COMPVIS_COND = "first_stage_model.", "model.diffusion_model.", "cond_stage_model."
+EXPORT_META = "ldm.json"  # beside the weights of our diffusers exports; x.json beside x.safetensors
+EXPORT_KEY = "ldm_export"  # metadata entry of our CompVis-style single files
+EXPORT_FORMAT = "ldm-export"
+_AE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+_UNET_ROOTS = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.", "output_blocks.", "out.")
+_TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+# -------------------------------------------------------------------------------------------- raw files
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Tensors of a ``.safetensors`` / ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin`` file and its extra entries.
+
+    Torch files are unpickled with ``weights_only=True``; a ``{"state_dict": ...}`` wrapper (CompVis, Lightning)
+    is unwrapped and its other entries returned as extras (safetensors: the string metadata).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            extras: dict[str, Any] = dict(f.metadata() or {})
+        return load_file(str(path)), extras
+    if path.suffix not in _TORCH_SUFFIXES:
+        raise ValueError(f"{path}: unknown weights file type {path.suffix!r}; use .safetensors, .ckpt, .pt, .pth or .bin")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} holds pickled objects other than tensors and plain containers; ldm never runs "
+                         f"code from a checkpoint. Convert it to .safetensors where you trust it. ({err})") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    if isinstance(obj.get("state_dict"), dict):
+        extras = {k: v for k, v in obj.items() if k != "state_dict"}
+        obj = obj["state_dict"]
+    else:
+        extras = {}
+    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    return tensors, extras
+
+
+def _folder_weights(folder: Path) -> dict[str, Tensor]:
+    """The weights of a diffusers model folder (single or sharded safetensors, else a torch .bin)."""
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                 "diffusion_pytorch_model.bin"):
+        if (folder / name).is_file():
+            return read_weights(folder / name)[0]
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
+    raise FileNotFoundError(f"{folder} has a config.json but no diffusion_pytorch_model weights")
+
+
+def strict_load(module: nn.Module, state: dict[str, Tensor], what: str) -> nn.Module:
+    """``module.load_state_dict(state)`` that fails on any missing, unexpected or mis-shaped key, listing the
+    first ones of each kind (never a partial load). Tensors are cast to the module's dtypes."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(v)} {name}, e.g. {v[:5]}" for name, v in
+                 (("missing", missing), ("unexpected", unexpected), ("with other shapes", shapes)) if v]
+        raise ValueError(f"{what} does not fit the architecture: " + "; ".join(parts) + ". Name the matching preset "
+                         "(preset=...) or check that the file holds this kind of model")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+    return module
+
+
+def _prefixed(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+# ---------------------------------------------------------------------------------------- any -> ours
+
+def read_checkpoint(source: str | os.PathLike, *, autoencoder_spec: dict | None = None,
+                    unet_spec: dict | None = None) -> dict[str, Any]:
+    """Any source (module docstring) as our checkpoint dict ``{"state_dict", "ldm"}``.
+
+    ``autoencoder_spec`` / ``unet_spec``: ``_target_`` specs that name the architecture of sources without a
+    config (CompVis files; sources with a config, ours and diffusers', ignore them); when None the autoencoder is
+    inferred from its shapes, and a CompVis U-Net is an error (its weights do not record the attention heads). Foreign files give stage-1 checkpoints
+    (autoencoder only) or, with U-Net weights only, ``{"stage": "unet"}``.
+    """
+    path = Path(source)
+    if path.is_dir():
+        return _read_folder(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: give a checkpoint file (.ckpt / .safetensors) or a "
+                                "diffusers folder")
+    tensors, extras = read_weights(path)
+    if isinstance(extras.get("ldm"), dict):  # our training checkpoint, as train.py wrote it
+        return {"state_dict": tensors, **extras}
+    sidecar = path.with_suffix(".json")
+    if path.suffix == ".safetensors" and sidecar.is_file() and _export_meta(sidecar) is not None:
+        return {"state_dict": tensors, "ldm": _export_meta(sidecar)}
+    if EXPORT_KEY in extras:  # our CompVis-style export
+        meta = extras[EXPORT_KEY]
+        meta = json.loads(meta) if isinstance(meta, str) else meta
+        state = {**{f"autoencoder.{k}": v for k, v in _prefixed(tensors, COMPVIS_AE).items()},
+                 **{f"unet.{k}": v for k, v in _prefixed(tensors, COMPVIS_UNET).items()},
+                 **{f"text_encoder.{k}": v for k, v in _prefixed(tensors, COMPVIS_COND).items()}}
+        if meta["stage"] == "autoencoder" and not state:  # stage-1 export: the standalone CompVis layout
+            state = {f"autoencoder.{k}": v for k, v in tensors.items()}
+        return {"state_dict": state, "ldm": meta}
+    return _read_compvis(tensors, str(path), autoencoder_spec, unet_spec)
+
+
+def _export_meta(path: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT else None
+
+
+def _stage1(ae_state: dict[str, Tensor], spec: dict[str, Any], source: str, kind: str,
+            scale: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"state_dict": {f"autoencoder.{k}": v for k, v in ae_state.items()},
+            "ldm": {"stage": "autoencoder", "config": {"autoencoder": spec, "resolution": spec.get("resolution")},
+                    "latent_stats": None, "source": {"path": source, "format": kind},
+                    "source_latent_scale": scale}}
+
+
+def _read_compvis(tensors: dict[str, Tensor], source: str, ae_spec: dict | None, unet_spec: dict | None) -> dict:
+    ae = _prefixed(tensors, COMPVIS_AE)
+    unet = _prefixed(tensors, COMPVIS_UNET)
+    if not ae and not unet and any(k.startswith(_AE_ROOTS) for k in tensors):  # standalone CompVis autoencoder
+        ae = {k: v for k, v in tensors.items() if k.startswith(_AE_ROOTS)}  # drops loss.* / model_ema.*
+    if not ae and not unet and "input_blocks.0.0.weight" in tensors:  # a bare CompVis U-Net state dict
+        unet = {k: v for k, v in tensors.items() if k.startswith(_UNET_ROOTS)}
+    if not ae and not unet:
+        raise ValueError(f"{source} holds neither an autoencoder (first_stage_model.* or encoder.*/decoder.*) nor "
+                         f"a U-Net (model.diffusion_model.*); its first keys: {sorted(tensors)[:5]}")
+    out: dict[str, Any] = {"state_dict": {}, "ldm": {"stage": "unet", "config": {}, "latent_stats": None,
+                                                      "source": {"path": source, "format": "compvis"}}}
+    if ae:
+        out = _stage1(ae, ae_spec or {"_target_": AE_TARGET, **infer_vae_kwargs(ae)}, source, "compvis")
+    if unet:  # its architecture only when named: CompVis files do not record the attention heads
+        out["state_dict"].update({f"unet.{k}": v for k, v in unet.items()})
+        if unet_spec is not None:
+            out["ldm"]["config"]["unet"] = unet_spec
+    return out
+
+
+def _no_heads_error(state: dict[str, Tensor], source: str) -> ValueError:
+    return ValueError(f"{source}: a CompVis U-Net file does not record its attention heads. Name the architecture "
+                      f"with a preset, e.g. sd15 (Stable Diffusion 1.x: 8 heads) or ldm_kl8_txt2img (unet_pretrained "
+                      f"takes the configured unet=...); the weights imply {infer_unet_kwargs(state)}")
+
+
+def _read_folder(folder: Path) -> dict[str, Any]:
+    meta = _export_meta(folder / EXPORT_META)
+    vae_dir = folder / "vae" if (folder / "vae" / "config.json").is_file() else None
+    unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else None
+    if (folder / "config.json").is_file():
+        kind = json.loads((folder / "config.json").read_text()).get("_class_name")
+        vae_dir = folder if kind == "AutoencoderKL" else vae_dir
+        unet_dir = folder if kind == "UNet2DConditionModel" else unet_dir
+    if vae_dir is None and unet_dir is None:
+        raise ValueError(f"{folder} is not a diffusers model folder (config.json with _class_name AutoencoderKL "
+                         "or UNet2DConditionModel) nor a pipeline folder with vae/ or unet/")
+    out: dict[str, Any] = {"state_dict": {}, "ldm": {"stage": "unet", "config": {}, "latent_stats": None,
+                                                      "source": {"path": str(folder), "format": "diffusers"}}}
+    if vae_dir is not None:
+        config = json.loads((vae_dir / "config.json").read_text())
+        spec = {"_target_": AE_TARGET, **vae_kwargs_from_diffusers(config)}  # its own config names it
+        levels, blocks = len(spec["ch_mult"]), int(spec["num_res_blocks"])
+        out = _stage1(vae_from_diffusers(_folder_weights(vae_dir), levels, blocks), spec, str(folder), "diffusers",
+                      vae_latent_scale(config))
+    if unet_dir is not None:
+        spec = {"_target_": UNET_TARGET, **unet_kwargs_from_diffusers(json.loads((unet_dir / "config.json").read_text()))}
+        levels = len(spec["channel_mult"])
+        blocks = spec["num_res_blocks"] if isinstance(spec["num_res_blocks"], int) else spec["num_res_blocks"][0]
+        state = unet_from_diffusers(_folder_weights(unet_dir), levels, int(blocks), attention_levels(spec),
+                                    class_embedding=spec.get("num_classes") is not None)
+        out["state_dict"].update({f"unet.{k}": v for k, v in state.items()})
+        out["ldm"]["config"]["unet"] = spec
+    if meta is not None:  # our own export: its config, statistics and text encoder
+        out["ldm"] = meta
+        text = folder / "ldm_text_encoder.safetensors"
+        if text.is_file():
+            out["state_dict"].update({f"text_encoder.{k}": v for k, v in load_file(str(text)).items()})
+    return out
+
+
+# ------------------------------------------------------------------------------------- single modules
+
+def build_module(spec: dict[str, Any], state: dict[str, Tensor], what: str) -> nn.Module:
+    """``spec`` built (``ldm.checkpoint.instantiate``) with ``state`` loaded strictly, in eval mode."""
+    from ldm.checkpoint import instantiate
+
+    return strict_load(instantiate(dict(spec)), state, what).eval()
+
+
+def autoencoder_from(ckpt: dict[str, Any], what: str = "the autoencoder") -> nn.Module:
+    """The autoencoder of a checkpoint dict from ``read_checkpoint`` (EMA weights when a run kept them)."""
+    state = ckpt["state_dict"]
+    spec = ckpt["ldm"].get("autoencoder", {}).get("config") if ckpt["ldm"]["stage"] == "ldm" else \
+        ckpt["ldm"]["config"].get("autoencoder")
+    weights = (_prefixed(state, "autoencoder_ema.") if ckpt["ldm"]["stage"] == "autoencoder" else {}) or \
+        _prefixed(state, "autoencoder.")
+    if spec is None or not weights:
+        raise ValueError(f"{ckpt['ldm'].get('source', {}).get('path', 'this checkpoint')} holds no autoencoder")
+    return build_module(spec, weights, what)
+
+
+def unet_from(ckpt: dict[str, Any], use_ema: bool = True, what: str = "the U-Net") -> nn.Module:
+    """The U-Net of a checkpoint dict from ``read_checkpoint`` (its EMA weights when stored and ``use_ema``)."""
+    state = ckpt["state_dict"]
+    spec = ckpt["ldm"]["config"].get("unet")
+    weights = (use_ema and _prefixed(state, "unet_ema.")) or _prefixed(state, "unet.")
+    if spec is None and weights:
+        raise _no_heads_error(weights, ckpt["ldm"].get("source", {}).get("path", "this checkpoint"))
+    if spec is None or not weights:
+        raise ValueError(f"{ckpt['ldm'].get('source', {}).get('path', 'this checkpoint')} holds no U-Net")
+    return build_module(spec, weights, what)
