@@ -173,7 +173,9 @@ def build_ldm_stage(cfg: DictConfig, config: dict):
         log.info("no latent cache in %s: building it now (python -m ldm.cache does this on its own)", cache_dir)
         data = instantiate(cfg.data)
         ae_ckpt = read_stage1_checkpoint(ae_ckpt)  # checks that a checkpoint of ours holds its statistics
-        ae_ckpt = with_latent_stats(ae_ckpt, data, int(cfg.latent_stats_images), seed=int(cfg.seed))
+        device = "cpu" if str(cfg.trainer.accelerator) == "cpu" or not torch.cuda.is_available() else "cuda"
+        ae_ckpt = with_latent_stats(ae_ckpt, data, int(cfg.latent_stats_images), device, int(cfg.seed),
+                                    cfg.autoencoder_latent_scale)
         build_cache(ae_ckpt, data, cache_dir, ckpt_path=cfg.autoencoder_ckpt, **cfg.cache)
     manifest = read_manifest(cache_dir)
     if stats is None and manifest.get("autoencoder", {}).get("identity") == identity:

@@ -91,13 +91,15 @@ def read_stage1_checkpoint(ckpt: str | os.PathLike | Mapping[str, Any], preset: 
 
 
 def with_latent_stats(ckpt: dict[str, Any], data_module: Any, n_images: int = 2048, device: str | torch.device =
-                      "cpu", seed: int = 0) -> dict[str, Any]:
+                      "cpu", seed: int = 0, latent_scale: float | None = None) -> dict[str, Any]:
     """``ckpt`` with latent statistics: its own, or for an imported autoencoder computed over the first
     ``n_images`` of ``data_module``'s train split (canonical view), as train.py does after stage 1.
 
     A global scale the source records (diffusers' ``scaling_factor``, e.g. Stable Diffusion's) replaces the
     computed one, so that latents match what U-Nets trained with that autoencoder expect; per-channel
     statistics are always measured (or taken from ``latents_mean`` / ``latents_std`` when recorded).
+    ``latent_scale``: the global scale to use (shift 0), e.g. Stable Diffusion's for its single files, which record
+    none; it wins over a recorded one.
     """
     if ckpt["ldm"].get("latent_stats"):
         return ckpt
@@ -108,9 +110,16 @@ def with_latent_stats(ckpt: dict[str, Any], data_module: Any, n_images: int = 20
     images = (batch["image"].to(device) for batch in loader)
     stats = latent_statistics(model.encode, images, n_images, generator=torch.Generator(device).manual_seed(seed))
     stats["measured"] = f"{stats['n_images']} train images of {getattr(data_module, 'describe', data_module.__repr__)()}"
-    if recorded := ckpt["ldm"].get("source_latent_scale"):
+    recorded, where = ckpt["ldm"].get("source_latent_scale"), "the autoencoder's config"
+    if latent_scale is not None:
+        recorded, where = {"scale": float(latent_scale), "shift": 0.0}, "autoencoder_latent_scale"
+    if recorded:
         stats.update(recorded)
-        stats["recorded"] = f"{sorted(recorded)} from the autoencoder's config ({ckpt['ldm']['source']['path']})"
+        stats["recorded"] = f"{sorted(recorded)} from {where} ({ckpt['ldm'].get('source', {}).get('path')})"
+    elif "source" in ckpt["ldm"]:
+        log.warning("the imported autoencoder records no latent scale: scale and shift are measured on the data. A "
+                    "pretrained U-Net expects the scale it was trained with: set autoencoder_latent_scale (e.g. "
+                    "Stable Diffusion's scaling_factor) when you fine-tune one")
     log.info("latent statistics of the imported autoencoder: scale=%.5f shift=%.4f (%s)", stats["scale"],
              stats["shift"], stats.get("recorded", stats["measured"]))
     ckpt = dict(ckpt)
@@ -371,7 +380,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         with open_dict(cfg):
             cfg.resolution = int(ckpt["ldm"]["config"]["resolution"])
     data = hydra.utils.instantiate(cfg.data)
-    ckpt = with_latent_stats(ckpt, data, int(cfg.latent_stats_images), _resolve_device(cfg.device), int(cfg.seed))
+    ckpt = with_latent_stats(ckpt, data, int(cfg.latent_stats_images), _resolve_device(cfg.device), int(cfg.seed),
+                             cfg.autoencoder_latent_scale)
     text_encoder = hydra.utils.instantiate(cfg.text_encoder) if cfg.get("text_encoder") is not None else None
     return build_cache(
         ckpt, data, cfg.out_dir, splits=list(cfg.splits), dtype=cfg.dtype, shard_size=cfg.shard_size,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -154,27 +155,69 @@ def scheduler_config(loss: dict[str, Any]) -> dict[str, Any]:
     if schedule not in _BETA_SCHEDULES:
         raise ValueError(f"schedule {schedule!r} has no diffusers counterpart")
     betas = make_betas(schedule, steps, **(loss.get("schedule_kwargs") or {}))
-    return {"_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "num_train_timesteps": steps,
+    # trailing spacing and a last step to alpha = 1: the steps ldm's own ddim sampler takes; custom schedule
+    # arguments have no diffusers name, so their betas are written out (trained_betas overrides beta_schedule)
+    custom = {"trained_betas": [float(b) for b in betas]} if loss.get("schedule_kwargs") else {}
+    return {**custom, "_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "num_train_timesteps": steps,
             "beta_schedule": _BETA_SCHEDULES[schedule], "beta_start": float(betas[0]), "beta_end": float(betas[-1]),
             "prediction_type": _PREDICTION[loss.get("objective", "eps")], "clip_sample": False,
-            "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}
+            "set_alpha_to_one": True, "steps_offset": 0, "timestep_spacing": "trailing"}
+
+
+def fold_latent_norm(ae: dict[str, Tensor], stats: dict[str, Any],
+                     latent_norm: str = "scale") -> tuple[dict[str, Tensor], float]:
+    """Autoencoder weights whose latent space is already shifted (and, for ``channel``, normalised), and the
+    ``scaling_factor`` that remains, so that ``StableDiffusionPipeline`` (which multiplies by scaling_factor and
+    knows no shift) sees exactly ldm's normalised latents.
+
+    The encoder's ``quant_conv`` emits (mean, logvar): ``scale`` subtracts the shift from the mean's bias;
+    ``channel`` maps the mean to (mean - m_c) / s_c and the log-variance to logvar - 2 log s_c. ``post_quant_conv``
+    undoes it before the decoder (its weight and bias absorb the affine map), so decoding is unchanged.
+    """
+    quant_w, quant_b = ae["quant_conv.weight"].double(), ae["quant_conv.bias"].double()
+    post_w, post_b = ae["post_quant_conv.weight"].double(), ae["post_quant_conv.bias"].double()
+    c = post_w.shape[1]
+    f64 = torch.float64
+    if latent_norm == "channel":  # exported latent = (z - m_c) / s_c, scaling_factor 1
+        offset, mult = torch.tensor(stats["mean"], dtype=f64), 1.0 / torch.tensor(stats["std"], dtype=f64)
+        scaling = 1.0
+    else:  # exported latent = z - shift, scaling_factor = scale
+        offset, mult = torch.full((c,), float(stats["shift"]), dtype=f64), torch.ones(c, dtype=f64)
+        scaling = float(stats["scale"])
+    quant_w, quant_b = quant_w.clone(), quant_b.clone()
+    quant_w[:c] *= mult[:, None, None, None]
+    quant_b[:c] = (quant_b[:c] - offset) * mult
+    quant_b[c:] += 2 * torch.log(mult)  # the log-variance of mult * z
+    new_post_b = post_b + (post_w[:, :, 0, 0] @ offset)
+    new_post_w = post_w / mult[None, :, None, None]
+    out = dict(ae)
+    dtype = ae["quant_conv.weight"].dtype
+    out.update({"quant_conv.weight": quant_w.to(dtype), "quant_conv.bias": quant_b.to(dtype),
+                "post_quant_conv.weight": new_post_w.to(dtype), "post_quant_conv.bias": new_post_b.to(dtype)})
+    return out, scaling
 
 
 def write_diffusers_vae(folder: Path, ae: dict[str, Tensor], spec: dict[str, Any], stats: dict[str, Any] | None = None,
-                        latent_norm: str = "scale") -> None:
+                        latent_norm: str = "scale") -> bool:
     """A diffusers ``AutoencoderKL`` folder for our autoencoder weights ``ae`` (CompVis names) of architecture
-    ``spec``; ``stats``: its latent statistics (``scaling_factor`` = ``scale``, ``shift_factor`` = ``shift``)."""
+    ``spec``. With latent statistics ``stats`` their shift (``channel``: per-channel affine map) is folded into the
+    weights (``fold_latent_norm``) and ``scaling_factor`` set, so diffusers' pipelines get ldm's latents; returns
+    whether the weights were changed by folding."""
+    folded = False
+    scaling = 1.0
     if stats is None:
         log.warning("no latent statistics in this checkpoint: diffusers' scaling_factor is written as 1.0")
-    config = vae_diffusers_config(spec, (stats or {}).get("scale", 1.0), (stats or {}).get("shift", 0.0))
-    if latent_norm == "channel" and stats:  # SDXL-style per-channel statistics; StableDiffusionPipeline ignores them
-        config.update(latents_mean=stats["mean"], latents_std=stats["std"])
-        log.warning("latent_norm=channel: diffusers' StableDiffusionPipeline normalises with scaling_factor only; "
-                    "ldm's loader uses the per-channel statistics in ldm.json")
+    elif latent_norm == "channel" or float(stats.get("shift", 0.0)) != 0.0:
+        ae, scaling = fold_latent_norm(ae, stats, latent_norm)
+        folded = True
+    else:
+        scaling = float(stats["scale"])
+    config = vae_diffusers_config(spec, scaling, 0.0)
     folder.mkdir(parents=True, exist_ok=True)
     levels, blocks = len(spec["ch_mult"]), int(spec["num_res_blocks"])
     _save_safetensors(vae_to_diffusers(ae, levels, blocks), folder / "diffusion_pytorch_model.safetensors")
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
+    return folded
 
 
 def write_diffusers_unet(folder: Path, state: dict[str, Tensor], spec: dict[str, Any], sample_size: int = 64) -> None:
@@ -196,31 +239,74 @@ def _meta_module(spec: dict[str, Any]) -> nn.Module:
         return instantiate(dict(spec))
 
 
+def _write_text_encoder(out: Path, meta: dict[str, Any]) -> tuple[list, list]:
+    """``text_encoder/`` + ``tokenizer/`` for a frozen Hugging Face CLIP encoder (last layer: what
+    StableDiffusionPipeline feeds its U-Net); model_index.json entries, ``[None, None]`` for other encoders."""
+    spec = meta["config"].get("text_encoder") or {}
+    if not str(spec.get("_target_", "")).endswith("HFTextEncoder") or spec.get("layer", "last") != "last":
+        log.info("text encoder %s is not a diffusers pipeline component: text_encoder/tokenizer left empty "
+                 "(pass prompt_embeds, or your own)", spec.get("_target_"))
+        return [None, None], [None, None]
+    from ldm.checkpoint import instantiate
+
+    try:
+        encoder = instantiate(dict(spec))
+    except (OSError, ValueError) as err:
+        log.warning("could not load the text encoder %s to export it (%s): text_encoder/tokenizer left empty",
+                    spec.get("name_or_path"), err)
+        return [None, None], [None, None]
+    if encoder.model_type not in ("clip", "clip_text_model"):
+        return [None, None], [None, None]
+    encoder.model.save_pretrained(out / "text_encoder")
+    encoder.tokenizer.model_max_length = encoder.max_length  # the pipeline pads prompts to it, as ldm did
+    encoder.tokenizer.save_pretrained(out / "tokenizer")
+    return ["transformers", type(encoder.model).__name__], ["transformers", type(encoder.tokenizer).__name__]
+
+
 def export_diffusers(state: dict[str, Tensor], meta: dict[str, Any], out: Path) -> Path:
-    """Stage 1: an ``AutoencoderKL`` folder. Stage 2: a pipeline folder (``vae/``, ``unet/``, ``scheduler/``,
-    ``model_index.json``) that ``DiffusionPipeline.from_pretrained`` assembles (text encoder and tokenizer left
-    empty: ours are not diffusers components; pass them or ``prompt_embeds``). Both carry ``ldm.json`` (and
-    ``ldm_text_encoder.safetensors``) so that ldm rebuilds the exact model from the folder alone."""
-    spec = _ae_spec(meta)
-    stats, norm = meta.get("latent_stats"), meta.get("latent_norm", "scale")
-    if meta["stage"] == "autoencoder":
-        write_diffusers_vae(out, _part(state, "autoencoder"), spec, stats, norm)
-    else:
-        write_diffusers_vae(out / "vae", _part(state, "autoencoder"), spec, stats, norm)
-        latent = meta.get("latent_shape") or [4, 64, 64]
-        write_diffusers_unet(out / "unet", _part(state, "unet"), meta["config"]["unet"], int(latent[-1]))
-        (out / "scheduler").mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "scheduler" / "scheduler_config.json",
-                          json.dumps(scheduler_config(meta["config"]["loss"]), indent=2) + "\n")
-        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-                 "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
-                 "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": [None, None],
-                 "tokenizer": [None, None], "safety_checker": [None, None], "feature_extractor": [None, None],
-                 "image_encoder": [None, None], "requires_safety_checker": False}
-        atomic_write_text(out / "model_index.json", json.dumps(index, indent=2) + "\n")
-        if text := _part(state, "text_encoder"):
-            _save_safetensors(text, out / "ldm_text_encoder.safetensors")
-    atomic_write_text(out / EXPORT_META, json.dumps(meta, indent=2, default=str) + "\n")
+    """Stage 1: an ``AutoencoderKL`` folder. Stage 2: a ``StableDiffusionPipeline`` folder (``vae/``, ``unet/``,
+    ``scheduler/`` with ldm's DDIM steps, ``model_index.json``; ``text_encoder/`` + ``tokenizer/`` for a frozen CLIP
+    encoder, else empty: pass ``prompt_embeds``). The latent normalisation is folded into the exported VAE, so
+    diffusers' pipelines see ldm's latents; ``ldm.json`` (+ ``ldm_autoencoder.safetensors``, the unfolded weights,
+    + ``ldm_text_encoder.safetensors``, a trained text encoder) let ldm rebuild the exact model. The folder is
+    written under a temporary name and renamed: it is never left half-written."""
+    out = Path(out)
+    if out.exists() and not (out / EXPORT_META).is_file():
+        raise ValueError(f"out={out} exists and is not an earlier ldm export (no {EXPORT_META}): choose a new folder "
+                         "(an export replaces its folder as a whole)")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        spec = _ae_spec(meta)
+        stats, norm = meta.get("latent_stats"), meta.get("latent_norm", "scale")
+        ae = _part(state, "autoencoder")
+        if write_diffusers_vae(tmp if meta["stage"] == "autoencoder" else tmp / "vae", ae, spec, stats, norm):
+            _save_safetensors(ae, tmp / "ldm_autoencoder.safetensors")
+        if meta["stage"] == "ldm":
+            latent = meta.get("latent_shape") or [4, 64, 64]
+            write_diffusers_unet(tmp / "unet", _part(state, "unet"), meta["config"]["unet"], int(latent[-1]))
+            (tmp / "scheduler").mkdir()
+            atomic_write_text(tmp / "scheduler" / "scheduler_config.json",
+                              json.dumps(scheduler_config(meta["config"]["loss"]), indent=2) + "\n")
+            text_entry, tokenizer_entry = _write_text_encoder(tmp, meta)
+            index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+                     "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
+                     "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": text_entry,
+                     "tokenizer": tokenizer_entry, "safety_checker": [None, None], "feature_extractor": [None, None],
+                     "image_encoder": [None, None], "requires_safety_checker": False}
+            atomic_write_text(tmp / "model_index.json", json.dumps(index, indent=2) + "\n")
+            if (text := _part(state, "text_encoder")) and text_entry[0] is None:
+                _save_safetensors(text, tmp / "ldm_text_encoder.safetensors")
+        atomic_write_text(tmp / EXPORT_META, json.dumps(meta, indent=2, default=str) + "\n")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -249,8 +335,10 @@ def export(ckpt: str | os.PathLike, fmt: str, out: str | os.PathLike, weights: s
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}: use one of {list(FORMATS)}")
     source = read_checkpoint(ckpt)
-    if source["ldm"].get("stage") not in ("autoencoder", "ldm"):
-        raise ValueError(f"{ckpt} is not a checkpoint trained by ldm (stage {source['ldm'].get('stage')!r})")
+    if "source" in source["ldm"] or source["ldm"].get("stage") not in ("autoencoder", "ldm"):
+        raise ValueError(f"{ckpt} is not a checkpoint trained by ldm but a {source['ldm'].get('source', {}).get('format')}"
+                         " release: export converts ldm's checkpoints (train with it, e.g. stage 2 on this autoencoder, "
+                         "then export the run's checkpoint)")
     state, taken = export_state(source, weights)
     state = _cast(state, dtype)
     meta = {k: v for k, v in source["ldm"].items() if k != "source"}

@@ -74,13 +74,16 @@ def make_stage1_checkpoint(path: str | Path, resolution: int = 32, seed: int = 0
     return path
 
 
-def make_stage2_checkpoint(path: str | Path, stage1_ckpt: str | Path, ema_offset: float = 0.0) -> Path:
+def make_stage2_checkpoint(path: str | Path, stage1_ckpt: str | Path, ema_offset: float = 0.0,
+                           overrides: list[str] | None = None) -> Path:
     """A stage-2 checkpoint shaped like the one train.py writes: tiny U-Net + text transformer at random init,
     the stage-1 autoencoder and its statistics (plumbing tests need no trained U-Net). ``ema_offset`` is added
-    to the EMA copy of the U-Net, so that tests can tell the EMA weights from the raw ones."""
+    to the EMA copy of the U-Net, so that tests can tell the EMA weights from the raw ones; ``overrides`` replace
+    the small text transformer's settings (e.g. another text encoder) and change others."""
     path = Path(path)
-    cfg = compose_train(["stage=ldm", "resolution=32", "text_encoder.width=32", "text_encoder.depth=1",
-                         "text_encoder.heads=2", f"autoencoder_ckpt={stage1_ckpt}"], output_dir=path.parent)
+    text = ["text_encoder.width=32", "text_encoder.depth=1", "text_encoder.heads=2"] if overrides is None else []
+    cfg = compose_train(["stage=ldm", "resolution=32", *text, f"autoencoder_ckpt={stage1_ckpt}", *(overrides or [])],
+                        output_dir=path.parent)
     s1 = load_checkpoint(stage1_ckpt)
     torch.manual_seed(0)
     unet, text = instantiate(cfg.unet), instantiate(cfg.text_encoder)

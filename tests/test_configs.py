@@ -177,3 +177,20 @@ def test_export_config_composes_and_names_bad_keys():
         assert (cfg.format, cfg.weights, cfg.dtype) == ("diffusers", "ema", None)
         with pytest.raises(ConfigCompositionException, match="weight"):
             compose("export", overrides=["ckpt=x.ckpt", "out=y", "weight=raw"])
+
+
+@pytest.mark.parametrize("option", _options("text_encoder"))
+def test_every_text_encoder_option_fits_its_class_in_a_stage2_run(option, tmp_path):
+    """Composed into the default stage-2 run (whose experiment sets other values), every key of the text encoder
+    config is an argument of its class: no option breaks on a key that belongs to another encoder."""
+    import importlib
+    import inspect
+
+    out = resolved(compose_train(["stage=ldm", f"text_encoder={option}"], output_dir=tmp_path))
+    spec = out["text_encoder"]
+    if spec is None:
+        return
+    module, _, name = spec["_target_"].rpartition(".")
+    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    unknown = sorted(k for k in spec if not k.startswith("_") and k not in params)
+    assert not unknown, f"text_encoder={option}: {unknown} are not arguments of {spec['_target_']}"

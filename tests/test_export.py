@@ -172,7 +172,9 @@ def test_compvis_autoencoder_files(tmp_path, layout, suffix):
         assert_close(a, b)
 
     # our compvis export of it, read by diffusers' converter
-    ckpt = read_any(path)
+    ckpt = read_any(path)  # as a stage-1 checkpoint of ours (export refuses foreign releases)
+    for key in ("source", "source_latent_scale"):
+        ckpt["ldm"].pop(key)
     ckpt["ldm"]["latent_stats"] = {"scale": 0.5, "shift": 0.0, "mean": [0.0] * 4, "std": [2.0] * 4}
     atomic_torch_save(ckpt, tmp_path / "stage1.ckpt")
     export(tmp_path / "stage1.ckpt", "compvis", tmp_path / "exported.safetensors")
@@ -383,7 +385,7 @@ def test_what_diffusers_cannot_express_is_named(tmp_path):
     with pytest.raises(ValueError, match="attn_resolutions=\\[16\\]: diffusers' AutoencoderKL has attention only"):
         write_diffusers_vae(tmp_path / "x", {}, kl_f16)
     unconditional = {**preset_spec("unet", "tiny"), "context_dim": None}
-    with pytest.raises(ValueError, match="unconditional U-Net with transformers"):
+    with pytest.raises(ValueError, match="unconditional U-Net \\(context_dim=None"):
         write_diffusers_unet(tmp_path / "y", {}, unconditional)
     with pytest.raises(ValueError, match="conv_resample=True"):
         write_diffusers_unet(tmp_path / "z", {}, {**preset_spec("unet", "tiny"), "conv_resample": False})
@@ -486,3 +488,139 @@ def test_an_sd_style_single_file_serves_as_autoencoder_and_as_unet(stage2_ema, t
     spec = load_checkpoint(stage2_ema)["ldm"]["config"]["unet"]
     unet = load_unet(tmp_path / "sd.safetensors", preset=spec)
     assert all(torch.equal(v, reference.unet.state_dict()[k]) for k, v in unet.state_dict().items())
+
+
+def test_exported_pipeline_samples_what_ldm_samples(stage1_ckpt, tmp_path):
+    """A stage-2 model with a frozen CLIP text encoder (a tiny random one), exported to diffusers: diffusers' own
+    StableDiffusionPipeline, from prompts, gives the images ldm's ddim sampler gives (same noise, same DDIM steps,
+    the latent shift folded into the exported VAE, the tokenizer padding to ldm's length)."""
+    from diffusers import DiffusionPipeline
+    from stage2_fixtures import make_stage2_checkpoint
+    from test_text_encoders import _tiny_clip
+
+    _tiny_clip(tmp_path / "clip")
+    ckpt = make_stage2_checkpoint(tmp_path / "s2.ckpt", stage1_ckpt, overrides=[
+        "text_encoder=hf", f"text_encoder.name_or_path={tmp_path}/clip", "text_encoder.context_dim=32",
+        "text_encoder.max_length=16"])
+    model = build_latent_diffusion(ckpt)
+    assert abs(model.latent_stats["shift"]) > 1e-3  # so that the fold is exercised
+    prompts = ["a red circle", "red"]
+    ours = generate(model, prompts, sampler="ddim", steps=4, cfg_scale=2.5, generator=torch.Generator().manual_seed(0))
+    out = export(ckpt, "diffusers", tmp_path / "pipe")
+    assert (out / "ldm_autoencoder.safetensors").is_file() and (out / "text_encoder" / "config.json").is_file()
+    pipe = _quiet(DiffusionPipeline.from_pretrained, out, safety_checker=None, feature_extractor=None)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt=prompts, num_inference_steps=4, guidance_scale=2.5, height=32, width=32, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert_close(theirs, ((ours + 1) / 2).clamp(0, 1), tol=1e-4)
+    assert torch.equal(_samples(load_latent_diffusion(out)), _samples(model))  # and ldm reads it back exactly
+
+
+@pytest.mark.parametrize("norm", ["scale", "channel"])
+def test_folded_autoencoder_encodes_normalised_latents_and_decodes_the_same(stage1_ckpt, norm):
+    from ldm.data.latents import normalize_latents
+    from ldm.export import fold_latent_norm
+
+    ckpt = load_checkpoint(stage1_ckpt)
+    model = load_autoencoder(stage1_ckpt)
+    stats = ckpt["ldm"]["latent_stats"]
+    folded_state, scaling = fold_latent_norm(model.state_dict(), stats, norm)
+    folded = load_autoencoder(stage1_ckpt)
+    folded.load_state_dict(folded_state)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        post, post_f = model.encode(x), folded.encode(x)
+        expected = normalize_latents(post.mean, stats, norm)
+        assert_close(post_f.mean * scaling, expected, tol=1e-5)
+        if norm == "channel":  # the variance is normalised too
+            std = torch.tensor(stats["std"])[None, :, None, None]
+            assert_close(post_f.std, post.std / std, tol=1e-5)
+        z = torch.randn(2, 4, 8, 8)
+        assert_close(folded.decode(z / scaling), model.decode(
+            z / scaling * (torch.tensor(stats["std"])[None, :, None, None] if norm == "channel" else 1)
+            + (torch.tensor(stats["mean"])[None, :, None, None] if norm == "channel" else stats["shift"])), tol=1e-5)
+
+
+# ---------------------------------------------------------------------------- review findings, pinned
+
+def test_unsupported_diffusers_settings_and_unexpressible_exports_are_named(tmp_path):
+    from ldm.interop.configs import unet_kwargs_from_diffusers, vae_latent_scale
+
+    with pytest.raises(ValueError, match="time_embedding_act_fn='silu'"):  # an extra SiLU ours does not have
+        unet_kwargs_from_diffusers({**SMALL_UNET, "time_embedding_act_fn": "silu"})
+    assert unet_kwargs_from_diffusers({**SMALL_UNET, "only_cross_attention": [False, False, False]})
+    with pytest.raises(ValueError, match="cross_attention_dim=None"):
+        unet_kwargs_from_diffusers({**SMALL_UNET, "cross_attention_dim": None})
+    no_attention = {**preset_spec("unet", "tiny"), "context_dim": None, "attention_resolutions": []}
+    with pytest.raises(ValueError, match="unconditional U-Net"):  # its middle block still has self-attention
+        write_diffusers_unet(tmp_path / "u", {}, no_attention)
+    # the first SD VAEs on the hub have no scaling_factor in config.json: diffusers' default applies
+    assert vae_latent_scale({"_class_name": "AutoencoderKL"}) == {"scale": 0.18215, "shift": 0.0}
+
+
+def test_a_diffusers_weights_file_without_its_folder_is_named(tmp_path):
+    ref = diffusers_vae(TINY_VAE)
+    ref.save_pretrained(tmp_path / "vae")
+    with pytest.raises(ValueError, match="diffusers' parameter names .* pass the folder"):
+        load_autoencoder(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    unet = diffusers_unet({**SMALL_UNET, "num_class_embeds": None})
+    unet.save_pretrained(tmp_path / "unet")
+    with pytest.raises(ValueError, match="diffusers' parameter names .* pass the folder"):
+        load_unet(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_inferred_unet_depth_of_a_middle_block_below_a_level_without_attention():
+    from ldm.checkpoint import instantiate
+    from ldm.interop.configs import infer_unet_kwargs
+
+    spec = {**preset_spec("unet", "tiny"), "channel_mult": [1, 2, 2], "attention_resolutions": [1, 2],
+            "transformer_depth": [2, 2, 3]}  # the last level has no attention: its 3 is the middle block's depth
+    state = instantiate(dict(spec)).state_dict()
+    inferred = infer_unet_kwargs(state)
+    assert inferred["transformer_depth"] == [2, 2, 3]
+    rebuilt = instantiate({**spec, **inferred})
+    assert set(rebuilt.state_dict()) == set(state)
+
+
+def test_export_refuses_foreign_releases_and_other_folders(stage1_ckpt, tmp_path):
+    diffusers_vae(TINY_VAE).save_pretrained(tmp_path / "vae")
+    with pytest.raises(ValueError, match="not a checkpoint trained by ldm but a diffusers release"):
+        export(tmp_path / "vae", "compvis", tmp_path / "x.ckpt")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="exists and is not an earlier ldm export"):
+        export(stage1_ckpt, "diffusers", tmp_path / "mine")
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
+    out = export(stage1_ckpt, "diffusers", tmp_path / "again")
+    (out / "stale.safetensors").write_bytes(b"old")
+    export(stage1_ckpt, "diffusers", out)  # an earlier export is replaced as a whole
+    assert not (out / "stale.safetensors").exists() and (out / "config.json").is_file()
+    assert not list(tmp_path.glob(".again.*"))  # no temporary folders left
+
+
+def test_custom_schedule_arguments_travel_as_betas():
+    from diffusers import DDIMScheduler
+
+    from ldm.diffusion.schedules import make_alphas_cumprod
+    from ldm.export import scheduler_config
+
+    loss = {"schedule": "cosine", "num_timesteps": 1000, "objective": "v", "schedule_kwargs": {"s": 0.02}}
+    config = {k: v for k, v in scheduler_config(loss).items() if not k.startswith("_")}
+    sched = DDIMScheduler(**config)
+    ours = make_alphas_cumprod("cosine", 1000, s=0.02)
+    assert (sched.alphas_cumprod.double() - ours).abs().max() < 1e-6 and config["prediction_type"] == "v_prediction"
+
+
+def test_sd_single_file_gets_the_scale_it_is_told(tmp_path):
+    ref = diffusers_vae(TINY_VAE)
+    ref.save_pretrained(tmp_path / "vae")
+    state = {k.removeprefix("autoencoder."): v for k, v in read_any(tmp_path / "vae")["state_dict"].items()}
+    save_file({f"first_stage_model.{k}": v for k, v in state.items()}, str(tmp_path / "sd.safetensors"))
+    proc = subprocess.run([sys.executable, "-m", "ldm.cache", f"ckpt={tmp_path}/sd.safetensors",
+                           f"out_dir={tmp_path}/cache", "data.dataset.size=4", "data.dataset.val_size=2",
+                           "data.num_workers=0", "device=cpu", "latent_stats_images=4", "progress=false",
+                           "autoencoder_latent_scale=0.25", "resolution=32"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads((tmp_path / "cache" / "manifest.json").read_text())["latent_stats"]
+    assert stats["scale"] == 0.25 and stats["shift"] == 0.0 and stats["n_images"] == 4

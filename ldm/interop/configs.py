@@ -28,14 +28,21 @@ _UNET_FIXED = {
     "mid_block_type": "UNetMidBlock2DCrossAttn", "downsample_padding": 1, "mid_block_scale_factor": 1,
     "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "projection_class_embeddings_input_dim":
     None, "addition_time_embed_dim": None, "reverse_transformer_layers_per_block": None,
+    "time_embedding_act_fn": None,
 }
+# diffusers' AutoencoderKL default when a config.json (e.g. of the first SD VAEs on the hub) has no scaling_factor
+DIFFUSERS_DEFAULT_SCALING_FACTOR = 0.18215
 _VAE_FIXED = {"act_fn": "silu", "norm_num_groups": GROUPS, "use_quant_conv": True, "use_post_quant_conv": True,
               "mid_block_add_attention": True}
 
 
 def _check_fixed(config: Mapping[str, Any], fixed: Mapping[str, Any], what: str) -> None:
-    bad = [f"{k}={config[k]!r} (ldm supports {v!r})" for k, v in fixed.items()
-           if k in config and config[k] != v and not (isinstance(v, list | tuple) and list(config[k]) == list(v))]
+    def same(value: Any, wanted: Any) -> bool:  # a per-level list of one value counts as that value
+        if isinstance(value, list | tuple) and not isinstance(wanted, list | tuple):
+            return all(v == wanted for v in value)
+        return value == wanted
+
+    bad = [f"{k}={config[k]!r} (ldm supports {v!r})" for k, v in fixed.items() if k in config and not same(config[k], v)]
     if bad:
         raise ValueError(f"this {what} uses settings ldm's models do not implement: " + "; ".join(bad))
 
@@ -70,10 +77,12 @@ def vae_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def vae_latent_scale(config: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The latent normalisation a diffusers VAE config records: {"scale", "shift"[, "mean", "std"]} or None."""
-    if config.get("scaling_factor") is None:
+    """The latent normalisation a diffusers VAE config records: {"scale", "shift"[, "mean", "std"]} (a config
+    without ``scaling_factor`` means diffusers' default, ``DIFFUSERS_DEFAULT_SCALING_FACTOR``)."""
+    scaling = config.get("scaling_factor", DIFFUSERS_DEFAULT_SCALING_FACTOR)  # what diffusers itself would use
+    if scaling is None:
         return None
-    out = {"scale": float(config["scaling_factor"]), "shift": float(config.get("shift_factor") or 0.0)}
+    out = {"scale": float(scaling), "shift": float(config.get("shift_factor") or 0.0)}
     if config.get("latents_mean") is not None and config.get("latents_std") is not None:
         out.update(mean=[float(v) for v in config["latents_mean"]], std=[float(v) for v in config["latents_std"]])
     return out
@@ -106,7 +115,13 @@ def vae_diffusers_config(kwargs: Mapping[str, Any], scaling_factor: float, shift
 def infer_vae_kwargs(state: Mapping[str, Tensor], resolution: int = 256) -> dict[str, Any]:
     """``AutoencoderKL`` arguments implied by a CompVis-named autoencoder state dict (prefix already stripped).
     ``resolution``: the nominal size that places ``attn_resolutions`` (CompVis kl-f* configs: 256)."""
-    need = ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_out.weight", "quant_conv.weight")
+    if any(".down_blocks." in k or ".mid_block." in k for k in state):
+        raise ValueError("these are diffusers' parameter names (a diffusion_pytorch_model file): pass the folder that "
+                         "holds it with its config.json")
+    if any(k.startswith("quantize.") for k in state):
+        raise ValueError("a VQ autoencoder (quantize.*): ldm has KL autoencoders only")
+    need = ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_out.weight", "quant_conv.weight",
+            "encoder.down.0.block.0.conv2.weight")
     if missing := [k for k in need if k not in state]:
         raise ValueError(f"not a CompVis KL autoencoder state dict: no {missing}")
     levels = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
@@ -147,6 +162,8 @@ def unet_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("layers_per_block given per level: ldm's UNetModel has one count for all levels")
     if isinstance(config.get("cross_attention_dim", 1280), list | tuple):
         raise ValueError("cross_attention_dim given per level: ldm's UNetModel has one context width")
+    if config.get("cross_attention_dim", 1280) is None:
+        raise ValueError("cross_attention_dim=None: a UNet2DConditionModel needs a context width")
     heads_cfg = config.get("num_attention_heads") or config.get("attention_head_dim", 8)  # diffusers' old name
     heads = _per_level(heads_cfg, levels, "attention heads")
     widths = [base * m for m in mult]
@@ -173,8 +190,8 @@ def unet_kwargs_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def unet_diffusers_config(model: Any, sample_size: int = 64) -> dict[str, Any]:
     """diffusers ``UNet2DConditionModel`` config.json for our ``UNetModel`` ``model``."""
-    if model.context_dim is None and model.attention_resolutions:
-        raise ValueError("an unconditional U-Net with transformers (context_dim=None: the second attention is "
+    if model.context_dim is None:  # its middle block (always) and levels have self-attention in place of cross
+        raise ValueError("an unconditional U-Net (context_dim=None: the second attention of every transformer is "
                          "self-attention) has no diffusers UNet2DConditionModel counterpart")
     config = model.diffusers_config(sample_size=sample_size)  # raises for what diffusers cannot express
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
@@ -212,7 +229,8 @@ def infer_unet_kwargs(state: Mapping[str, Tensor]) -> dict[str, Any]:
     first = [blocks[0] for blocks in levels]
     attn = [f"input_blocks.{k}.1.proj_in.weight" in state for k in first]
     mult = [int(state[f"input_blocks.{k}.0.out_layers.3.weight"].shape[0]) // base for k in first]
-    depths = [depth(f"input_blocks.{k}.1") if a else 1 for k, a in zip(first, attn, strict=True)]
+    middle = depth("middle_block.1") or 1  # levels without attention: only the middle block uses their entry
+    depths = [depth(f"input_blocks.{k}.1") if a else middle for k, a in zip(first, attn, strict=True)]
     ctx_key = "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
     emb = state["input_blocks.1.0.emb_layers.1.weight"]
     return {"in_channels": int(state["input_blocks.0.0.weight"].shape[1]),

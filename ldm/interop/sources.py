@@ -175,6 +175,9 @@ def _read_compvis(tensors: dict[str, Tensor], source: str, ae_spec: dict | None,
         ae = {k: v for k, v in tensors.items() if k.startswith(_AE_ROOTS)}  # drops loss.* / model_ema.*
     if not ae and not unet and "input_blocks.0.0.weight" in tensors:  # a bare CompVis U-Net state dict
         unet = {k: v for k, v in tensors.items() if k.startswith(_UNET_ROOTS)}
+    if not ae and not unet and any(k.startswith(("down_blocks.", "time_embedding.", "conv_in.")) for k in tensors):
+        raise ValueError(f"{source} has diffusers' parameter names (a diffusion_pytorch_model file): pass the folder "
+                         "that holds it with its config.json")
     if not ae and not unet:
         raise ValueError(f"{source} holds neither an autoencoder (first_stage_model.* or encoder.*/decoder.*) nor "
                          f"a U-Net (model.diffusion_model.*); its first keys: {sorted(tensors)[:5]}")
@@ -222,11 +225,13 @@ def _read_folder(folder: Path) -> dict[str, Any]:
                                     class_embedding=spec.get("num_classes") is not None)
         out["state_dict"].update({f"unet.{k}": v for k, v in state.items()})
         out["ldm"]["config"]["unet"] = spec
-    if meta is not None:  # our own export: its config, statistics and text encoder
+    if meta is not None:  # our own export: its config, statistics, exact autoencoder weights and text encoder
         out["ldm"] = meta
-        text = folder / "ldm_text_encoder.safetensors"
-        if text.is_file():
-            out["state_dict"].update({f"text_encoder.{k}": v for k, v in load_file(str(text)).items()})
+        for name, part in (("ldm_autoencoder.safetensors", "autoencoder"), ("ldm_text_encoder.safetensors",
+                                                                            "text_encoder")):
+            if (folder / name).is_file():
+                out["state_dict"] = {k: v for k, v in out["state_dict"].items() if not k.startswith(part + ".")}
+                out["state_dict"].update({f"{part}.{k}": v for k, v in load_file(str(folder / name)).items()})
     return out
 
 

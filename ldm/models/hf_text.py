@@ -110,7 +110,9 @@ class HFTextEncoder(nn.Module):
     most), ``context_dim`` optional check against the model's hidden size. The output is always float32.
 
     CLIP is run without an attention mask, as the CLIP-conditioned diffusion models were: its causal attention
-    already keeps padding out of the real tokens' states. Others (BERT, T5) get the padding mask.
+    already keeps padding out of the real tokens' states; its returned mask is all True, so that the U-Net's
+    cross-attention reads every position as Stable Diffusion's does (pretrained SD U-Nets expect it). Others
+    (BERT, T5) get the padding mask, for the encoder and the U-Net.
     """
 
     input_key = "caption"
@@ -169,6 +171,8 @@ class HFTextEncoder(nn.Module):
         out = self.model(input_ids=ids, attention_mask=mask.long() if self._use_mask else None,
                          output_hidden_states=self.layer == "penultimate")
         states = out.last_hidden_state if self.layer == "last" else out.hidden_states[-2]
+        if not self._use_mask:  # CLIP: the U-Net attends to all max_length states, padding included, as
+            mask = torch.ones_like(mask)  # Stable Diffusion's does (its U-Nets were trained that way)
         return states.float(), mask
 
     def null_inputs(self, n: int) -> list[str]:
