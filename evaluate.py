@@ -25,8 +25,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ldm.checkpoint import build_autoencoder, build_latent_diffusion
 from ldm.data.datamodules import canonical_dataset
 from ldm.data.shapes import ShapesDataset
+from ldm.distributed import broadcast_object, init_distributed, resolve_device
 from ldm.evaluation import evaluate_generation, evaluate_image_sets, evaluate_reconstruction
-from ldm.evaluation.distributed import broadcast_object, init_distributed, resolve_device
 from ldm.export import read_any
 from ldm.losses.lpips import build_lpips
 from ldm.metrics.features import build_extractor

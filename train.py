@@ -23,11 +23,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.cache import build_cache, read_stage1_checkpoint, with_latent_stats
-from ldm.checkpoint import add_latent_stats, build_autoencoder
+from ldm.checkpoint import add_latent_stats, build_autoencoder, strict_load
 from ldm.data.latent_format import autoencoder_identity, check_cache_compatible, read_manifest
 from ldm.data.latents import channel_spread_problem
+from ldm.distributed import resolve_device
 from ldm.export import load_unet, read_any
-from ldm.interop.sources import strict_load
 from ldm.lit.callbacks import AtomicCheckpointIO
 from ldm.losses.lpips import lpips_min_input_size
 from ldm.models.discriminator import patchgan_min_input_size
@@ -173,7 +173,7 @@ def build_ldm_stage(cfg: DictConfig, config: dict):
         log.info("no latent cache in %s: building it now (python -m ldm.cache does this on its own)", cache_dir)
         data = instantiate(cfg.data)
         ae_ckpt = read_stage1_checkpoint(ae_ckpt)  # checks that a checkpoint of ours holds its statistics
-        device = "cpu" if str(cfg.trainer.accelerator) == "cpu" or not torch.cuda.is_available() else "cuda"
+        device = resolve_device("cpu" if str(cfg.trainer.accelerator) == "cpu" else "auto")
         ae_ckpt = with_latent_stats(ae_ckpt, data, int(cfg.latent_stats_images), device, int(cfg.seed),
                                     cfg.autoencoder_latent_scale)
         build_cache(ae_ckpt, data, cache_dir, ckpt_path=cfg.autoencoder_ckpt, **cfg.cache)

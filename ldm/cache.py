@@ -54,6 +54,7 @@ from ldm.data.latent_writer import (
     split_entry,
     write_json,
 )
+from ldm.distributed import barrier, init_distributed, resolve_device
 from ldm.models.latent_stats import latent_statistics
 
 log = logging.getLogger("ldm.cache")
@@ -214,19 +215,6 @@ def _encode_units(job: _Job, datasets: dict[str, Any], units: list[ShardUnit], b
              seconds, images / max(seconds, 1e-9))
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None or str(device) == "auto":
-        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    return torch.device("cuda", local) if device.type == "cuda" and device.index is None else device
-
-
-def _barrier(device: torch.device) -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier(device_ids=[device.index]) if dist.get_backend() == "nccl" else dist.barrier()
-
-
 # ------------------------------------------------------------------------------------------- the run
 
 def build_cache(
@@ -290,12 +278,8 @@ def build_cache(
     if not ckpt["ldm"].get("latent_stats"):
         raise ValueError(f"the autoencoder of {ckpt_path or 'the given checkpoint'} comes without latent statistics "
                          "(an imported one): pass with_latent_stats(ckpt, data_module) instead of the path")
-    device = _resolve_device(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # env:// rendezvous of torchrun
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    device = resolve_device(device or "auto")
+    rank, world = init_distributed(device)  # the env:// rendezvous of torchrun; a no-op in one process
     out_dir = Path(out_dir)
 
     model, stats = build_autoencoder(ckpt)
@@ -329,7 +313,7 @@ def build_cache(
         clean_cache_dir(out_dir, splits, {s: len(p) for s, p in plans.items()}, everything=overwrite)
         for split in splits:
             (out_dir / split).mkdir(exist_ok=True)
-    _barrier(device)
+    barrier()
 
     job = _Job(model, text_encoder, device, PRECISIONS[precision], channels_last, STORAGE_DTYPES[dtype],
                latent_shape, out_dir, settings, rank, world)
@@ -342,7 +326,7 @@ def build_cache(
         _encode_units(job, datasets, pending, batch_size or data_module.batch_size,
                       data_module.num_workers if num_workers is None else num_workers, progress and rank == 0,
                       on_shard_done)
-    _barrier(device)
+    barrier()
 
     if rank == 0:
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -367,7 +351,7 @@ def build_cache(
         write_json(out_dir / MANIFEST_NAME, manifest)
         log.info("latent cache %s: %s", out_dir, ", ".join(f"{s} {v['num_samples']} samples in {len(v['shards'])} "
                                                             "shards" for s, v in manifest["splits"].items()))
-    _barrier(device)
+    barrier()
     return json.loads((out_dir / MANIFEST_NAME).read_text())
 
 
@@ -380,7 +364,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         with open_dict(cfg):
             cfg.resolution = int(ckpt["ldm"]["config"]["resolution"])
     data = hydra.utils.instantiate(cfg.data)
-    ckpt = with_latent_stats(ckpt, data, int(cfg.latent_stats_images), _resolve_device(cfg.device), int(cfg.seed),
+    ckpt = with_latent_stats(ckpt, data, int(cfg.latent_stats_images), resolve_device(cfg.device), int(cfg.seed),
                              cfg.autoencoder_latent_scale)
     text_encoder = hydra.utils.instantiate(cfg.text_encoder) if cfg.get("text_encoder") is not None else None
     return build_cache(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ldm.atomic import atomic_write_stream
 from ldm.generate import LatentDiffusion
@@ -67,18 +67,56 @@ def submodule_state(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[st
     return {k[len(p):]: v for k, v in state_dict.items() if k.startswith(p)}
 
 
-def build_autoencoder(ckpt: str | os.PathLike | dict[str, Any]) -> tuple[nn.Module, dict[str, Any] | None]:
-    """Stage-1 autoencoder (eval mode) and its latent statistics from an ldm checkpoint (path or loaded)."""
+def strict_load(module: nn.Module, state: dict[str, Tensor], what: str) -> nn.Module:
+    """``module.load_state_dict(state)`` that fails on any missing, unexpected or mis-shaped key, listing the
+    first ones of each kind (never a partial load). Tensors are cast to the module's dtypes."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(v)} {name}, e.g. {v[:5]}" for name, v in
+                 (("missing", missing), ("unexpected", unexpected), ("with other shapes", shapes)) if v]
+        raise ValueError(f"{what} does not fit the architecture: " + "; ".join(parts) + ". Name the matching preset "
+                         "(preset=...) or check that the file holds this kind of model")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+    return module
+
+
+def _source_name(ckpt: dict[str, Any]) -> str:
+    return ckpt["ldm"].get("source", {}).get("path", "this checkpoint")
+
+
+def build_autoencoder(ckpt: str | os.PathLike | dict[str, Any],
+                      what: str = "the autoencoder") -> tuple[nn.Module, dict[str, Any] | None]:
+    """Autoencoder (eval mode) and its latent statistics from an ldm checkpoint (path or loaded; stage 1, or the
+    frozen one inside a stage-2 checkpoint) or a dict of ``ldm.interop.sources.read_checkpoint``."""
     ckpt = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt)
-    meta = ckpt["ldm"]
-    spec = meta["config"].get("autoencoder")
-    if spec is None:
-        raise ValueError("this checkpoint's config has no 'autoencoder' entry")
-    model = instantiate(spec)
+    meta, state = ckpt["ldm"], ckpt["state_dict"]
+    stage1 = meta["stage"] == "autoencoder"
+    spec = meta["config"].get("autoencoder") if stage1 else (meta.get("autoencoder") or {}).get("config")
     # EMA weights when the run kept them (they are what validation measured), else the raw weights
-    state = submodule_state(ckpt["state_dict"], "autoencoder_ema") or submodule_state(ckpt["state_dict"], "autoencoder")
-    model.load_state_dict(state, strict=True)
-    return model.eval(), meta.get("latent_stats")
+    weights = (stage1 and submodule_state(state, "autoencoder_ema")) or submodule_state(state, "autoencoder")
+    if spec is None or not weights:
+        raise ValueError(f"{_source_name(ckpt)} holds no autoencoder")
+    return strict_load(instantiate(dict(spec)), weights, what).eval(), meta.get("latent_stats")
+
+
+def build_unet(ckpt: str | os.PathLike | dict[str, Any], use_ema: bool = True, what: str = "the U-Net") -> nn.Module:
+    """The U-Net (eval mode) of a checkpoint (its EMA weights when stored and ``use_ema``)."""
+    ckpt = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt)
+    spec, state = ckpt["ldm"]["config"].get("unet"), ckpt["state_dict"]
+    weights = (use_ema and submodule_state(state, "unet_ema")) or submodule_state(state, "unet")
+    if spec is None and weights:  # a CompVis file read without a preset
+        from ldm.interop.configs import infer_unet_kwargs
+
+        raise ValueError(f"{_source_name(ckpt)}: a CompVis U-Net file does not record its attention heads. Name the "
+                         "architecture with a preset, e.g. sd15 (Stable Diffusion 1.x: 8 heads) or ldm_kl8_txt2img "
+                         f"(unet_pretrained takes the configured unet=...); the weights imply {infer_unet_kwargs(weights)}")
+    if spec is None or not weights:
+        raise ValueError(f"{_source_name(ckpt)} holds no U-Net")
+    return strict_load(instantiate(dict(spec)), weights, what).eval()
 
 
 def add_latent_stats(
@@ -106,25 +144,20 @@ def build_latent_diffusion(ckpt: str | os.PathLike | dict[str, Any], use_ema: bo
         raise ValueError(f"{source if isinstance(source, str) else 'this checkpoint'} is a {meta['stage']!r} "
                          "checkpoint; sampling needs a stage-2 checkpoint (train.py stage=ldm writes one)")
     config = meta["config"]
-
-    unet = instantiate(config["unet"])
-    unet_state = (use_ema and submodule_state(state, "unet_ema")) or submodule_state(state, "unet")
-    unet.load_state_dict(unet_state, strict=True)
+    unet = build_unet(ckpt, use_ema=use_ema)
 
     text_encoder = instantiate(config["text_encoder"])
     text_state = submodule_state(state, "text_encoder")
     if text_state:  # trained with the U-Net
-        text_encoder.load_state_dict(text_state, strict=True)
+        strict_load(text_encoder, text_state, "the text encoder")
     elif text_encoder.identity() != meta.get("text_encoder"):
         raise ValueError(f"the frozen text encoder built here, {text_encoder.identity()}, is not the one this "
                          f"model was trained with, {meta.get('text_encoder')}; install the same weights")
 
-    autoencoder = instantiate(meta["autoencoder"]["config"])
-    ae_state = submodule_state(state, "autoencoder")
-    if not ae_state:
+    if not submodule_state(state, "autoencoder"):
         raise ValueError("this stage-2 checkpoint holds no autoencoder weights (keys 'autoencoder.*'); it was "
                          "written by another tool or edited. Re-export it from the training run's last.ckpt")
-    autoencoder.load_state_dict(ae_state, strict=True)
+    autoencoder, _ = build_autoencoder(ckpt)
 
     loss = instantiate(config["loss"])
     return LatentDiffusion(

@@ -33,7 +33,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ldm.atomic import atomic_write, atomic_write_text
-from ldm.checkpoint import atomic_torch_save, build_latent_diffusion
+from ldm.checkpoint import (
+    atomic_torch_save,
+    build_autoencoder,
+    build_latent_diffusion,
+    build_unet,
+    submodule_state,
+)
 from ldm.diffusion.schedules import make_betas
 from ldm.generate import LatentDiffusion
 from ldm.interop.configs import (
@@ -50,9 +56,7 @@ from ldm.interop.sources import (
     EXPORT_FORMAT,
     EXPORT_KEY,
     EXPORT_META,
-    autoencoder_from,
     read_checkpoint,
-    unet_from,
 )
 
 log = logging.getLogger("ldm.export")
@@ -89,12 +93,12 @@ def read_any(source: str | os.PathLike, autoencoder_preset: Any = None, unet_pre
 
 def load_autoencoder(source: str | os.PathLike, preset: Any = None) -> nn.Module:
     """Our ``AutoencoderKL`` with the weights of ``source`` (see the module docstring), in eval mode."""
-    return autoencoder_from(read_any(source, autoencoder_preset=preset), f"the autoencoder of {source}")
+    return build_autoencoder(read_any(source, autoencoder_preset=preset), f"the autoencoder of {source}")[0]
 
 
 def load_unet(source: str | os.PathLike, preset: Any = None, use_ema: bool = True) -> nn.Module:
     """Our ``UNetModel`` with the weights of ``source`` (EMA weights of our checkpoints when ``use_ema``)."""
-    return unet_from(read_any(source, unet_preset=preset), use_ema=use_ema, what=f"the U-Net of {source}")
+    return build_unet(read_any(source, unet_preset=preset), use_ema=use_ema, what=f"the U-Net of {source}")
 
 
 def load_latent_diffusion(source: str | os.PathLike, use_ema: bool = True) -> LatentDiffusion:
@@ -139,10 +143,6 @@ def _cast(state: dict[str, Tensor], dtype: str | None) -> dict[str, Tensor]:
 def _save_safetensors(state: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     # clone: tensors of one storage (EMA copies, views) cannot be saved side by side
     atomic_write(path, lambda tmp: save_file({k: v.clone() for k, v in state.items()}, tmp, metadata=metadata))
-
-
-def _part(state: dict[str, Tensor], part: str) -> dict[str, Tensor]:
-    return {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
 
 
 def _ae_spec(meta: dict[str, Any]) -> dict[str, Any]:
@@ -280,12 +280,12 @@ def export_diffusers(state: dict[str, Tensor], meta: dict[str, Any], out: Path) 
     try:
         spec = _ae_spec(meta)
         stats, norm = meta.get("latent_stats"), meta.get("latent_norm", "scale")
-        ae = _part(state, "autoencoder")
+        ae = submodule_state(state, "autoencoder")
         if write_diffusers_vae(tmp if meta["stage"] == "autoencoder" else tmp / "vae", ae, spec, stats, norm):
             _save_safetensors(ae, tmp / "ldm_autoencoder.safetensors")
         if meta["stage"] == "ldm":
             latent = meta.get("latent_shape") or [4, 64, 64]
-            write_diffusers_unet(tmp / "unet", _part(state, "unet"), meta["config"]["unet"], int(latent[-1]))
+            write_diffusers_unet(tmp / "unet", submodule_state(state, "unet"), meta["config"]["unet"], int(latent[-1]))
             (tmp / "scheduler").mkdir()
             atomic_write_text(tmp / "scheduler" / "scheduler_config.json",
                               json.dumps(scheduler_config(meta["config"]["loss"]), indent=2) + "\n")
@@ -296,7 +296,7 @@ def export_diffusers(state: dict[str, Tensor], meta: dict[str, Any], out: Path) 
                      "tokenizer": tokenizer_entry, "safety_checker": [None, None], "feature_extractor": [None, None],
                      "image_encoder": [None, None], "requires_safety_checker": False}
             atomic_write_text(tmp / "model_index.json", json.dumps(index, indent=2) + "\n")
-            if (text := _part(state, "text_encoder")) and text_entry[0] is None:
+            if (text := submodule_state(state, "text_encoder")) and text_entry[0] is None:
                 _save_safetensors(text, tmp / "ldm_text_encoder.safetensors")
         atomic_write_text(tmp / EXPORT_META, json.dumps(meta, indent=2, default=str) + "\n")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -315,11 +315,11 @@ def export_compvis(state: dict[str, Tensor], meta: dict[str, Any], out: Path) ->
     encoder under ``cond_stage_model.``); a stage-1 model is written as a standalone CompVis autoencoder.
     ``.safetensors`` keeps our metadata as a string entry, ``.ckpt`` as a plain dict beside ``state_dict``."""
     if meta["stage"] == "autoencoder":
-        flat = _part(state, "autoencoder")
+        flat = submodule_state(state, "autoencoder")
     else:
         flat = {}
         for part, prefix in (("autoencoder", COMPVIS_AE), ("unet", COMPVIS_UNET), ("text_encoder", COMPVIS_COND)):
-            flat.update({prefix + k: v for k, v in _part(state, part).items()})
+            flat.update({f"{prefix}.{k}": v for k, v in submodule_state(state, part).items()})
     if out.suffix == ".safetensors":
         _save_safetensors(flat, out, {EXPORT_KEY: json.dumps(meta, default=str)})
     elif out.suffix in (".ckpt", ".pt", ".pth"):

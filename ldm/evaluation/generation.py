@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ldm.atomic import atomic_write, atomic_write_text
 from ldm.data.common import stable_hash
 from ldm.data.images import ImageFolderDataset
-from ldm.evaluation.distributed import barrier, broadcast_object, check_on_rank0, gather_values, rank_world
+from ldm.distributed import barrier, broadcast_object, check_on_rank0, gather_values, rank_world
 from ldm.evaluation.imagesets import (
     dataset_features,
     feature_metrics,

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ldm.data.common import IMAGE_EXTENSIONS
 from ldm.data.images import ImageFolderDataset
 from ldm.data.shards import IMAGE_KEYS, WebDatasetImages, expand_shard_urls
-from ldm.evaluation.distributed import gather_rows, rank_world
+from ldm.distributed import gather_rows, rank_world
 from ldm.metrics.fid import FeatureStats, StatsAccumulator, fid_from_stats, inception_score, kid
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision.utils import make_grid, save_image
 
-from ldm.evaluation.distributed import rank_world
+from ldm.distributed import rank_world
 from ldm.evaluation.imagesets import (
     extract,
     feature_metrics,

@@ -10,8 +10,8 @@ Sources (a path to a file or a folder):
   or pipeline folders (``vae/``, ``unet/``).
 
 ``read_checkpoint`` returns ``{"state_dict": {"autoencoder.*" | "unet.*" | "text_encoder.*": tensor}, "ldm": meta}``
-with meta as ``train.py`` writes it, so ``ldm.checkpoint.build_autoencoder`` / ``build_latent_diffusion`` rebuild
-the models from it. Foreign autoencoders come without latent statistics (``meta["latent_stats"] is None``); the
+with meta as ``train.py`` writes it, so ``ldm.checkpoint.build_autoencoder`` / ``build_unet`` /
+``build_latent_diffusion`` rebuild the models from it. Foreign autoencoders come without latent statistics (``meta["latent_stats"] is None``); the
 scale a diffusers config records is kept in ``meta["source_latent_scale"]``. Pickles are read with
 ``torch.load(weights_only=True)``: no code in a checkpoint ever runs.
 """
@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch import Tensor, nn
+from torch import Tensor
 
+from ldm.checkpoint import submodule_state
 from ldm.interop.configs import (
     attention_levels,
-    infer_unet_kwargs,
     infer_vae_kwargs,
     unet_kwargs_from_diffusers,
     vae_kwargs_from_diffusers,
@@ -41,7 +41,7 @@ from ldm.interop.keymaps import unet_from_diffusers, vae_from_diffusers
 
 AE_TARGET = "ldm.models.autoencoder.AutoencoderKL"
 UNET_TARGET = "ldm.models.unet.UNetModel"
-COMPVIS_AE, COMPVIS_UNET, COMPVIS_COND = "first_stage_model.", "model.diffusion_model.", "cond_stage_model."
+COMPVIS_AE, COMPVIS_UNET, COMPVIS_COND = "first_stage_model", "model.diffusion_model", "cond_stage_model"  # + "."
 EXPORT_META = "ldm.json"  # beside the weights of our diffusers exports; x.json beside x.safetensors
 EXPORT_KEY = "ldm_export"  # metadata entry of our CompVis-style single files
 EXPORT_FORMAT = "ldm-export"
@@ -96,27 +96,6 @@ def _folder_weights(folder: Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"{folder} has a config.json but no diffusion_pytorch_model weights")
 
 
-def strict_load(module: nn.Module, state: dict[str, Tensor], what: str) -> nn.Module:
-    """``module.load_state_dict(state)`` that fails on any missing, unexpected or mis-shaped key, listing the
-    first ones of each kind (never a partial load). Tensors are cast to the module's dtypes."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = [f"{len(v)} {name}, e.g. {v[:5]}" for name, v in
-                 (("missing", missing), ("unexpected", unexpected), ("with other shapes", shapes)) if v]
-        raise ValueError(f"{what} does not fit the architecture: " + "; ".join(parts) + ". Name the matching preset "
-                         "(preset=...) or check that the file holds this kind of model")
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
-    return module
-
-
-def _prefixed(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 # ---------------------------------------------------------------------------------------- any -> ours
 
 def read_checkpoint(source: str | os.PathLike, *, autoencoder_spec: dict | None = None,
@@ -143,9 +122,9 @@ def read_checkpoint(source: str | os.PathLike, *, autoencoder_spec: dict | None 
     if EXPORT_KEY in extras:  # our CompVis-style export
         meta = extras[EXPORT_KEY]
         meta = json.loads(meta) if isinstance(meta, str) else meta
-        state = {**{f"autoencoder.{k}": v for k, v in _prefixed(tensors, COMPVIS_AE).items()},
-                 **{f"unet.{k}": v for k, v in _prefixed(tensors, COMPVIS_UNET).items()},
-                 **{f"text_encoder.{k}": v for k, v in _prefixed(tensors, COMPVIS_COND).items()}}
+        state = {**{f"autoencoder.{k}": v for k, v in submodule_state(tensors, COMPVIS_AE).items()},
+                 **{f"unet.{k}": v for k, v in submodule_state(tensors, COMPVIS_UNET).items()},
+                 **{f"text_encoder.{k}": v for k, v in submodule_state(tensors, COMPVIS_COND).items()}}
         if meta["stage"] == "autoencoder" and not state:  # stage-1 export: the standalone CompVis layout
             state = {f"autoencoder.{k}": v for k, v in tensors.items()}
         return {"state_dict": state, "ldm": meta}
@@ -169,8 +148,8 @@ def _stage1(ae_state: dict[str, Tensor], spec: dict[str, Any], source: str, kind
 
 
 def _read_compvis(tensors: dict[str, Tensor], source: str, ae_spec: dict | None, unet_spec: dict | None) -> dict:
-    ae = _prefixed(tensors, COMPVIS_AE)
-    unet = _prefixed(tensors, COMPVIS_UNET)
+    ae = submodule_state(tensors, COMPVIS_AE)
+    unet = submodule_state(tensors, COMPVIS_UNET)
     if not ae and not unet and any(k.startswith(_AE_ROOTS) for k in tensors):  # standalone CompVis autoencoder
         ae = {k: v for k, v in tensors.items() if k.startswith(_AE_ROOTS)}  # drops loss.* / model_ema.*
     if not ae and not unet and "input_blocks.0.0.weight" in tensors:  # a bare CompVis U-Net state dict
@@ -190,12 +169,6 @@ def _read_compvis(tensors: dict[str, Tensor], source: str, ae_spec: dict | None,
         if unet_spec is not None:
             out["ldm"]["config"]["unet"] = unet_spec
     return out
-
-
-def _no_heads_error(state: dict[str, Tensor], source: str) -> ValueError:
-    return ValueError(f"{source}: a CompVis U-Net file does not record its attention heads. Name the architecture "
-                      f"with a preset, e.g. sd15 (Stable Diffusion 1.x: 8 heads) or ldm_kl8_txt2img (unet_pretrained "
-                      f"takes the configured unet=...); the weights imply {infer_unet_kwargs(state)}")
 
 
 def _read_folder(folder: Path) -> dict[str, Any]:
@@ -233,36 +206,3 @@ def _read_folder(folder: Path) -> dict[str, Any]:
                 out["state_dict"] = {k: v for k, v in out["state_dict"].items() if not k.startswith(part + ".")}
                 out["state_dict"].update({f"{part}.{k}": v for k, v in load_file(str(folder / name)).items()})
     return out
-
-
-# ------------------------------------------------------------------------------------- single modules
-
-def build_module(spec: dict[str, Any], state: dict[str, Tensor], what: str) -> nn.Module:
-    """``spec`` built (``ldm.checkpoint.instantiate``) with ``state`` loaded strictly, in eval mode."""
-    from ldm.checkpoint import instantiate
-
-    return strict_load(instantiate(dict(spec)), state, what).eval()
-
-
-def autoencoder_from(ckpt: dict[str, Any], what: str = "the autoencoder") -> nn.Module:
-    """The autoencoder of a checkpoint dict from ``read_checkpoint`` (EMA weights when a run kept them)."""
-    state = ckpt["state_dict"]
-    spec = ckpt["ldm"].get("autoencoder", {}).get("config") if ckpt["ldm"]["stage"] == "ldm" else \
-        ckpt["ldm"]["config"].get("autoencoder")
-    weights = (_prefixed(state, "autoencoder_ema.") if ckpt["ldm"]["stage"] == "autoencoder" else {}) or \
-        _prefixed(state, "autoencoder.")
-    if spec is None or not weights:
-        raise ValueError(f"{ckpt['ldm'].get('source', {}).get('path', 'this checkpoint')} holds no autoencoder")
-    return build_module(spec, weights, what)
-
-
-def unet_from(ckpt: dict[str, Any], use_ema: bool = True, what: str = "the U-Net") -> nn.Module:
-    """The U-Net of a checkpoint dict from ``read_checkpoint`` (its EMA weights when stored and ``use_ema``)."""
-    state = ckpt["state_dict"]
-    spec = ckpt["ldm"]["config"].get("unet")
-    weights = (use_ema and _prefixed(state, "unet_ema.")) or _prefixed(state, "unet.")
-    if spec is None and weights:
-        raise _no_heads_error(weights, ckpt["ldm"].get("source", {}).get("path", "this checkpoint"))
-    if spec is None or not weights:
-        raise ValueError(f"{ckpt['ldm'].get('source', {}).get('path', 'this checkpoint')} holds no U-Net")
-    return build_module(spec, weights, what)

@@ -1,8 +1,9 @@
-"""Ranks for evaluation: which device a rank uses, and gathering per-rank rows onto every rank.
+"""Ranks outside Lightning (the latent cache, evaluation): which device a rank uses, barriers, and gathering
+per-rank rows onto every rank.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the default process group is initialised here (nccl on CUDA, gloo on
 the CPU) with a long timeout, because ranks wait for each other across long steps (rank 0 alone computes
-reference statistics once per dataset). In a single process every function is a no-op or the identity.
+reference statistics once per dataset), and left initialised: Lightning reuses an existing group. In a single process every function is a no-op or the identity.
 """
 
 from __future__ import annotations
