@@ -4,7 +4,8 @@
     python sample.py ckpt=... prompts_file=prompts.txt n=16 steps=50 sampler=ddim cfg_scale=4 seed=0
 
 The checkpoint carries everything (U-Net + EMA, condition encoder, autoencoder, latent statistics, schedule).
-Writes ``<out_dir>/images/<prompt #>_<image #>.png``, ``grid.png`` (one row per prompt) and ``samples.jsonl``.
+Writes ``<out_dir>/images/<prompt #>_<image #>.png``, ``grid.png`` (one row per prompt), ``samples.jsonl`` and
+``timing.json`` (images/s of the sampling loop, peak GPU memory).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import logging
 import re
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -72,10 +74,16 @@ def sample(cfg: DictConfig) -> Path:
 
     all_prompts = [p for p in prompts for _ in range(n)]
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
     with tqdm(total=len(all_prompts), desc="sampling", unit="img") as bar:
         images = generate(model, all_prompts, sampler=cfg.sampler.name, steps=steps, cfg_scale=cfg_scale,
                           generator=generator, sampler_options=dict(cfg.sampler.options), batch_size=int(cfg.batch_size),
                           autocast_dtype=pick_autocast(str(cfg.precision), device), progress=bar.update)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timing = sampling_timing(images.shape[0], time.perf_counter() - started, device, int(cfg.batch_size))
 
     records = []
     for i, (prompt, image) in enumerate(zip(all_prompts, images.cpu(), strict=True)):
@@ -88,8 +96,18 @@ def sample(cfg: DictConfig) -> Path:
     with open(out_dir / "samples.jsonl", "w") as f:
         for rec in records:
             f.write(json.dumps({**rec, **settings}) + "\n")
-    log.info("wrote %d images and grid.png to %s", len(records), out_dir)
+    (out_dir / "timing.json").write_text(json.dumps({**timing, **settings}, indent=2) + "\n")
+    log.info("wrote %d images and grid.png to %s (%.1f img/s)", len(records), out_dir, timing["images_per_s"])
     return out_dir
+
+
+def sampling_timing(n: int, seconds: float, device: torch.device, batch_size: int) -> dict:
+    """Throughput of the sampling loop (model loading and PNG writing excluded) and, on a GPU, its peak memory."""
+    out = {"images": n, "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 2), "batch_size": batch_size,
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return out
 
 
 def quote_prompt_overrides(argv: list[str]) -> list[str]:

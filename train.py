@@ -3,7 +3,7 @@
     python train.py                                   # stage 1 quickstart: tiny KL-VAE on `shapes`, CPU or GPU
     python train.py experiment=paper/kl_f8 trainer=ddp  # the paper's KL-f8 autoencoder on every GPU
     python train.py run_name=exp1 resume=auto         # continue outputs/autoencoder/exp1 where it stopped
-    python train.py stage=ldm autoencoder_ckpt=outputs/autoencoder/exp1/checkpoints/last.ckpt   # stage 2
+    python train.py stage=ldm autoencoder.pretrained=outputs/autoencoder/exp1/checkpoints/last.ckpt   # stage 2
 
 Reads top to bottom: check the config, build data / model / loss for the stage, fit, then (stage 1) store the
 latent statistics in the checkpoints for stage 2.
@@ -23,11 +23,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.cache import build_cache, read_stage1_checkpoint, with_latent_stats
-from ldm.checkpoint import add_latent_stats, build_autoencoder, strict_load
+from ldm.checkpoint import add_latent_stats, architecture, build_autoencoder, strict_load
 from ldm.data.latent_format import autoencoder_identity, check_cache_compatible, read_manifest
 from ldm.data.latents import channel_spread_problem
 from ldm.distributed import resolve_device
-from ldm.export import load_unet, read_any
+from ldm.export import load_unet, pretrained_source, read_any
 from ldm.lit.callbacks import AtomicCheckpointIO
 from ldm.losses.lpips import lpips_min_input_size
 from ldm.models.discriminator import patchgan_min_input_size
@@ -61,15 +61,25 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
+# stage 2's pretrained sources: (the key, its older spelling); either works, both must agree
+AUTOENCODER_KEYS = ("autoencoder.pretrained", "autoencoder_ckpt")
+UNET_KEYS = ("unet.pretrained", "unet_pretrained")
+
+
 def _ldm_problems(cfg: DictConfig) -> list[str]:
     problems = []
-    if OmegaConf.is_missing(cfg, "autoencoder_ckpt"):
-        problems.append("stage=ldm needs the stage-1 checkpoint: autoencoder_ckpt=outputs/autoencoder/<run>/"
-                        "checkpoints/last.ckpt (train one with `python train.py`)")
-    elif not Path(cfg.autoencoder_ckpt).exists():
-        problems.append(f"autoencoder_ckpt={cfg.autoencoder_ckpt} does not exist")
-    if cfg.unet_pretrained is not None and not Path(cfg.unet_pretrained).exists():
-        problems.append(f"unet_pretrained={cfg.unet_pretrained} does not exist")
+    for keys in (AUTOENCODER_KEYS, UNET_KEYS):
+        try:
+            source, key = pretrained_source(cfg, *keys)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        if source is None and keys == AUTOENCODER_KEYS:
+            problems.append("stage=ldm needs the stage-1 checkpoint: autoencoder.pretrained=outputs/autoencoder/<run>/"
+                            "checkpoints/last.ckpt (train one with `python train.py`; older spelling: "
+                            "autoencoder_ckpt=), or a pretrained autoencoder")
+        elif source is not None and not Path(source).exists():
+            problems.append(f"{key}={source} does not exist")
     if cfg.latent_norm not in ("scale", "channel"):
         problems.append(f"latent_norm={cfg.latent_norm!r}: use scale or channel")
     return problems
@@ -114,8 +124,20 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     return None
 
 
+def one_spelling(cfg: DictConfig) -> None:
+    """Write each stage-2 pretrained source into both of its keys, so the stored run config reads the same
+    whichever spelling the command used."""
+    with open_dict(cfg):
+        for key, older in (AUTOENCODER_KEYS, UNET_KEYS):
+            source, _ = pretrained_source(cfg, key, older)
+            OmegaConf.update(cfg, key, source)
+            OmegaConf.update(cfg, older, source)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
+    if cfg.stage_name == "ldm":
+        one_spelling(cfg)
     if cfg.trainer.precision == "auto":
         with open_dict(cfg):
             cfg.trainer.precision = auto_precision(str(cfg.trainer.accelerator))
@@ -143,7 +165,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not cfg.trainer.fast_dev_run:
         # Lightning saves `last.ckpt` after validations; a run that stops on max_steps between two
         # validations would lose its final steps. Save the final state explicitly (all ranks must call this).
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)  # the full state: resumable
         if trainer.is_global_zero and cfg.stage_name == "autoencoder":
             write_latent_stats(cfg, trainer, data, run_dir)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -161,9 +183,14 @@ def build_autoencoder_stage(cfg: DictConfig, config: dict):
 def build_ldm_stage(cfg: DictConfig, config: dict):
     """Frozen autoencoder (a stage-1 run of ours or a pretrained one), the latent cache (built here when missing),
     U-Net (optionally from pretrained weights), condition encoder."""
-    ae_ckpt = read_any(cfg.autoencoder_ckpt, autoencoder_preset=cfg.autoencoder_preset)
+    ae_source, ae_key = pretrained_source(cfg, *AUTOENCODER_KEYS)
+    unet_source, unet_key = pretrained_source(cfg, *UNET_KEYS)
+    if ae_source is None:
+        raise ValueError("stage=ldm needs the autoencoder: autoencoder.pretrained=<stage-1 checkpoint or pretrained "
+                         "autoencoder>")
+    ae_ckpt = read_any(ae_source, autoencoder_preset=cfg.autoencoder_preset)
     if ae_ckpt["ldm"]["stage"] != "autoencoder":
-        raise ValueError(f"autoencoder_ckpt={cfg.autoencoder_ckpt} is a {ae_ckpt['ldm']['stage']!r} checkpoint; "
+        raise ValueError(f"{ae_key}={ae_source} is a {ae_ckpt['ldm']['stage']!r} checkpoint; "
                          "stage 2 needs a stage-1 (autoencoder) checkpoint or a pretrained autoencoder")
     autoencoder, stats = build_autoencoder(ae_ckpt)
     identity = autoencoder_identity(autoencoder)
@@ -176,7 +203,7 @@ def build_ldm_stage(cfg: DictConfig, config: dict):
         device = resolve_device("cpu" if str(cfg.trainer.accelerator) == "cpu" else "auto")
         ae_ckpt = with_latent_stats(ae_ckpt, data, int(cfg.latent_stats_images), device, int(cfg.seed),
                                     cfg.autoencoder_latent_scale)
-        build_cache(ae_ckpt, data, cache_dir, ckpt_path=cfg.autoencoder_ckpt, **cfg.cache)
+        build_cache(ae_ckpt, data, cache_dir, ckpt_path=ae_source, **cfg.cache)
     manifest = read_manifest(cache_dir)
     if stats is None and manifest.get("autoencoder", {}).get("identity") == identity:
         stats = manifest["latent_stats"]  # an imported autoencoder's statistics: measured once, kept in the cache
@@ -184,17 +211,19 @@ def build_ldm_stage(cfg: DictConfig, config: dict):
         log.warning(problem)
     data = instantiate(cfg.latent_data, path=str(cache_dir))
     latent_shape = tuple(manifest["latent_shape"])
-    check_cache_compatible(manifest, identity, latent_shape=None, stats=stats, text_encoder=text_encoder)
-    unet = instantiate(cfg.unet)
-    if cfg.unet_pretrained is not None:  # fine-tuning: the weights must fit the configured architecture
-        spec = OmegaConf.to_container(cfg.unet, resolve=True)
-        strict_load(unet, load_unet(cfg.unet_pretrained, preset=spec).state_dict(), f"unet_pretrained={cfg.unet_pretrained}")
-        log.info("U-Net initialised from %s", cfg.unet_pretrained)
+    side = int(cfg.resolution) // autoencoder.downsample_factor  # what this run's images encode to
+    check_cache_compatible(manifest, identity, latent_shape=(autoencoder.latent_channels, side, side), stats=stats,
+                           text_encoder=text_encoder)
+    spec = architecture(OmegaConf.to_container(cfg.unet, resolve=True))
+    unet = instantiate(spec)
+    if unet_source is not None:  # fine-tuning: the weights must fit the configured architecture
+        strict_load(unet, load_unet(unet_source, preset=spec).state_dict(), f"{unet_key}={unet_source}")
+        log.info("U-Net initialised from %s", unet_source)
     if unet.in_channels != latent_shape[0]:
         raise ValueError(f"unet.in_channels={unet.in_channels} but the autoencoder's latents have "
                          f"{latent_shape[0]} channels; set unet.in_channels={latent_shape[0]} unet.out_channels="
                          f"{latent_shape[0]}")
-    meta = {"autoencoder": {"ckpt_path": str(cfg.autoencoder_ckpt), "identity": identity,
+    meta = {"autoencoder": {"ckpt_path": ae_source, "identity": identity,
                             "config": ae_ckpt["ldm"]["config"]["autoencoder"]},
             "cache": {"path": str(cache_dir), "created": manifest.get("created")}}
     module = instantiate(cfg.module, _partial_=True)(

@@ -1,7 +1,7 @@
 """Latent cache: encode a dataset once with a frozen stage-1 autoencoder and write webdataset shards.
 
-    python -m ldm.cache ckpt=outputs/autoencoder/<run>/checkpoints/last.ckpt out_dir=data/latents/shapes32
-    torchrun --nproc_per_node 8 -m ldm.cache ckpt=... out_dir=... data=webdataset data.dataset.urls=...
+    python -m ldm.cache autoencoder.pretrained=outputs/autoencoder/<run>/checkpoints/last.ckpt out_dir=data/latents/shapes32
+    torchrun --nproc_per_node 8 -m ldm.cache autoencoder.pretrained=... out_dir=... data=webdataset data.dataset.urls=...
 
 Stage 2 never runs the encoder: it samples z ~ q(z|x) from the stored posterior mean/log-variance and normalises
 it with the stored statistics (``ldm/data/latents.py``), as EDM2 does; the cached posterior makes the cost of the
@@ -76,7 +76,7 @@ def read_stage1_checkpoint(ckpt: str | os.PathLike | Mapping[str, Any], preset: 
     where = "the given checkpoint" if isinstance(ckpt, Mapping) else str(ckpt)
     if not isinstance(ckpt, Mapping):
         if not Path(ckpt).exists():
-            raise FileNotFoundError(f"ckpt={ckpt} does not exist; give a stage-1 checkpoint, e.g. "
+            raise FileNotFoundError(f"{ckpt} does not exist; give a stage-1 checkpoint, e.g. "
                                     "outputs/autoencoder/<run>/checkpoints/last.ckpt (written by python train.py), "
                                     "or a pretrained autoencoder (SD / CompVis file, diffusers folder)")
         ckpt = read_any(ckpt, autoencoder_preset=preset)
@@ -359,7 +359,15 @@ def build_cache(
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Compose the objects ``build_cache`` takes from the ``cache`` config and call it."""
-    ckpt = read_stage1_checkpoint(cfg.ckpt, preset=cfg.autoencoder_preset)
+    from ldm.export import pretrained_source
+
+    source, key = pretrained_source(cfg, "autoencoder.pretrained", "ckpt")
+    if source is None:
+        raise ValueError("no autoencoder: pass autoencoder.pretrained=<stage-1 checkpoint, e.g. outputs/autoencoder/"
+                         "<run>/checkpoints/last.ckpt, or a pretrained autoencoder> (older spelling: ckpt=)")
+    if not Path(source).exists():
+        raise FileNotFoundError(f"{key}={source} does not exist")
+    ckpt = read_stage1_checkpoint(source, preset=cfg.autoencoder_preset)
     if cfg.resolution is None:  # the autoencoder's training resolution, unless the user sets one
         with open_dict(cfg):
             cfg.resolution = int(ckpt["ldm"]["config"]["resolution"])
@@ -371,7 +379,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ckpt, data, cfg.out_dir, splits=list(cfg.splits), dtype=cfg.dtype, shard_size=cfg.shard_size,
         text_encoder=text_encoder, device=cfg.device, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
         precision=cfg.precision, channels_last=cfg.channels_last, max_images=cfg.max_images,
-        overwrite=cfg.overwrite, progress=cfg.progress, ckpt_path=cfg.ckpt,
+        overwrite=cfg.overwrite, progress=cfg.progress, ckpt_path=source,
     )
 
 

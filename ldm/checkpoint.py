@@ -22,6 +22,9 @@ from ldm.models.latent_stats import latent_statistics
 
 # Only classes/functions from these packages may be named by a checkpoint's `_target_`.
 _ALLOWED_TARGET_ROOTS = ("ldm.", "torch.")
+# Keys of a stage-2 run's `unet` config that say where its weights start, not what to build (configs/stage/ldm.yaml:
+# `unet.pretrained`). Checkpoints written before the key existed lack it; later ones store it.
+_NOT_ARCHITECTURE = ("pretrained",)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -59,6 +62,11 @@ def instantiate(spec: dict[str, Any], **overrides: Any) -> Any:
         kwargs[key] = instantiate(value) if isinstance(value, dict) and "_target_" in value else value
     kwargs.update(overrides)
     return fn(**kwargs)
+
+
+def architecture(spec: dict[str, Any]) -> dict[str, Any]:
+    """The ``_target_`` spec that builds a model: its config without the run settings (``pretrained``)."""
+    return {k: v for k, v in spec.items() if k not in _NOT_ARCHITECTURE}
 
 
 def submodule_state(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -116,7 +124,7 @@ def build_unet(ckpt: str | os.PathLike | dict[str, Any], use_ema: bool = True, w
                          f"(unet_pretrained takes the configured unet=...); the weights imply {infer_unet_kwargs(weights)}")
     if spec is None or not weights:
         raise ValueError(f"{_source_name(ckpt)} holds no U-Net")
-    return strict_load(instantiate(dict(spec)), weights, what).eval()
+    return strict_load(instantiate(architecture(spec)), weights, what).eval()
 
 
 def add_latent_stats(

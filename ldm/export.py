@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ldm.atomic import atomic_write, atomic_write_text
 from ldm.checkpoint import (
+    architecture,
     atomic_torch_save,
     build_autoencoder,
     build_latent_diffusion,
@@ -85,6 +86,18 @@ def preset_spec(group: str, preset: str | os.PathLike | dict | None) -> dict[str
     return spec
 
 
+def pretrained_source(cfg: DictConfig, key: str, older: str) -> tuple[str | None, str]:
+    """The source a config gives as ``key`` (e.g. ``autoencoder.pretrained``) or as its older spelling ``older``
+    (e.g. ``autoencoder_ckpt``), and the key that gave it; ``(None, key)`` when neither is set (null or ???).
+    Both set to different values is a ValueError naming the two keys."""
+    given = {k: str(v) for k in (key, older) if (v := OmegaConf.select(cfg, k, throw_on_missing=False)) is not None}
+    if len(set(given.values())) > 1:
+        raise ValueError(f"{key}={given[key]} and {older}={given[older]} name different sources: give only {key}= "
+                         f"({older}= is its older spelling)")
+    name = key if key in given or not given else older
+    return given.get(name), name
+
+
 def read_any(source: str | os.PathLike, autoencoder_preset: Any = None, unet_preset: Any = None) -> dict[str, Any]:
     """``ldm.interop.sources.read_checkpoint`` with presets given by name, path or dict."""
     return read_checkpoint(source, autoencoder_spec=preset_spec("autoencoder", autoencoder_preset),
@@ -104,10 +117,26 @@ def load_unet(source: str | os.PathLike, preset: Any = None, use_ema: bool = Tru
 def load_latent_diffusion(source: str | os.PathLike, use_ema: bool = True) -> LatentDiffusion:
     """Everything sampling needs from a stage-2 checkpoint of ours or any of its exports."""
     ckpt = read_checkpoint(source)
+    if "source" in ckpt["ldm"]:  # a release of another tool: no condition encoder ldm can rebuild
+        raise ValueError(_not_a_model_of_ours(source, ckpt))
     if ckpt["ldm"].get("stage") != "ldm":
         raise ValueError(f"{source} is a {ckpt['ldm'].get('stage')!r} checkpoint; sampling needs a stage-2 checkpoint "
                          "(train.py stage=ldm writes one) or one of its exports (python -m ldm.export)")
     return build_latent_diffusion(ckpt, use_ema=use_ema)
+
+
+def _not_a_model_of_ours(source: str | os.PathLike, ckpt: dict[str, Any]) -> str:
+    """What a foreign release (SD single file, diffusers folder) holds, and how its parts can be used."""
+    parts = [(part, name) for part, name in (("autoencoder", "an autoencoder"), ("unet", "a U-Net"))
+             if any(k.startswith(part + ".") for k in ckpt["state_dict"])]
+    kind = {"diffusers": "a diffusers model or pipeline folder"}.get(ckpt["ldm"]["source"].get("format"),
+                                                                      "a CompVis / Stable Diffusion file")
+    holds = " and ".join(name for _, name in parts)
+    use = " ".join(f"{part}.pretrained={source}" for part, _ in parts)
+    return (f"{source} is {kind} that holds {holds} but no text encoder ldm can rebuild, so it cannot sample here: "
+            "sample.py needs a stage-2 checkpoint of ours (train.py stage=ldm) or its export (python -m ldm.export). "
+            f"Its weights can start a stage-2 run: python train.py stage=ldm {use}"
+            + (" unet=<its architecture, e.g. sd15>" if any(p == "unet" for p, _ in parts) else ""))
 
 
 # ------------------------------------------------------------------------------------------------- export
@@ -236,7 +265,7 @@ def _meta_module(spec: dict[str, Any]) -> nn.Module:
     from ldm.checkpoint import instantiate
 
     with torch.device("meta"):  # the architecture only: no memory, no init
-        return instantiate(dict(spec))
+        return instantiate(architecture(spec))
 
 
 def _write_text_encoder(out: Path, meta: dict[str, Any]) -> tuple[list, list]:

@@ -67,11 +67,12 @@ def encode_condition(text_encoder: nn.Module, inputs: Any) -> dict[str, Tensor]:
 def training_condition(text_encoder: nn.Module, batch: dict[str, Any], keep: Tensor) -> dict[str, Tensor]:
     """The condition of a training batch, with the null condition where ``keep`` [B] is False (CFG dropout).
 
-    Uses the frozen text embeddings cached with the latents when the batch has them (``context``,
-    ``context_mask``), else runs the encoder on the batch's captions / labels.
+    Uses the text embeddings cached with the latents when the batch has them (``context``, ``context_mask``)
+    and the encoder is frozen (``check_cache_compatible`` has made sure they are its own); a trainable encoder
+    always runs on the batch's captions / labels, so that it learns and samples with what it was trained on.
     """
     n = keep.shape[0]
-    if "context" in batch:
+    if "context" in batch and not getattr(text_encoder, "trainable", False):
         cond = {"context": batch["context"], "context_mask": batch["context_mask"].bool()}
         if bool(keep.all()):
             return cond

@@ -16,7 +16,7 @@ import torch
 from helpers import TINY_RUN, compose_train, resolved
 from hydra.utils import instantiate
 
-from ldm.checkpoint import atomic_torch_save, build_autoencoder, load_checkpoint
+from ldm.checkpoint import architecture, atomic_torch_save, build_autoencoder, load_checkpoint
 from ldm.data.datamodules import ImageDataModule
 from ldm.data.latent_format import autoencoder_identity
 from ldm.data.shapes import ShapesDataset
@@ -86,7 +86,7 @@ def make_stage2_checkpoint(path: str | Path, stage1_ckpt: str | Path, ema_offset
                         output_dir=path.parent)
     s1 = load_checkpoint(stage1_ckpt)
     torch.manual_seed(0)
-    unet, text = instantiate(cfg.unet), instantiate(cfg.text_encoder)
+    unet, text = instantiate(architecture(resolved(cfg)["unet"])), instantiate(cfg.text_encoder)
     state = {f"{prefix}.{k}": v.clone() for prefix, m in (("unet", unet), ("text_encoder", text))
              for k, v in m.state_dict().items()}
     state.update({f"unet_ema.{k}": v + ema_offset if v.is_floating_point() else v.clone()

@@ -35,6 +35,7 @@ from ldm.data.latents import (
 )
 from ldm.data.shapes import ShapesDataset
 from ldm.data.shards import WebDatasetImages, write_shards
+from ldm.generate import training_condition
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
@@ -264,7 +265,7 @@ def test_check_cache_compatible_names_both_values(cache16, model):
     check_cache_compatible(manifest, identity, [4, 8, 8], stats)  # the matching autoencoder passes
     with pytest.raises(ValueError, match=f"identity: cache {identity} .* vs configured abc123"):
         check_cache_compatible(manifest, "abc123")
-    with pytest.raises(ValueError, match=r"latent shape: cache \[4, 8, 8\] vs configured \[4, 16, 16\]"):
+    with pytest.raises(ValueError, match=r"latent shape: cache \[4, 8, 8\] \(images of 32 px\) vs configured \[4, 16, 16\]"):
         check_cache_compatible(manifest, identity, (4, 16, 16))
     with pytest.raises(ValueError, match=rf"scale: cache {stats['scale']} vs autoencoder 0.18215"):
         check_cache_compatible(manifest, identity, stats=dict(stats, scale=0.18215))
@@ -288,6 +289,9 @@ class FakeTextEncoder(nn.Module):
         mask[:, 0] = True
         return self.proj(ids.unsqueeze(-1)), mask
 
+    def null_inputs(self, n: int) -> list[str]:
+        return [""] * n
+
     def identity(self) -> dict:
         return {"name": "fake", "max_length": 5, "sha256": autoencoder_identity(self)}
 
@@ -308,6 +312,25 @@ def test_text_embeddings_cached_and_trainable_encoder_refused(stage1_ckpt, tmp_p
     check_cache_compatible(manifest, text_encoder=FakeTextEncoder(trainable=True))  # trainable: not compared
     with pytest.raises(ValueError, match="is trainable.*cannot be cached"):
         _cache(stage1_ckpt, tmp_path / "t", text_encoder=FakeTextEncoder(trainable=True))
+
+
+def test_training_condition_uses_cached_embeddings_only_for_a_frozen_encoder():
+    captions = ["a red circle", "a small blue square on the left", "a star"]
+    cached = torch.full((3, 5, 6), 7.0)  # not what the encoder computes: tells the two paths apart
+    batch = {"caption": captions, "context": cached, "context_mask": torch.ones(3, 5, dtype=torch.bool)}
+    keep = torch.tensor([True, False, True])
+    frozen, trainable = FakeTextEncoder(), FakeTextEncoder(trainable=True)
+    with torch.no_grad():
+        null, null_mask = frozen([""])
+        cond = training_condition(frozen, batch, torch.ones(3, dtype=torch.bool))
+        assert torch.equal(cond["context"], cached)
+        cond = training_condition(frozen, batch, keep)  # CFG dropout: row 1 becomes the null condition
+        assert torch.equal(cond["context"][[0, 2]], cached[[0, 2]])
+        assert torch.equal(cond["context"][1], null[0]) and torch.equal(cond["context_mask"][1], null_mask[0])
+        # a trainable encoder learns from the captions: the cached embeddings are never used
+        cond = training_condition(trainable, batch, keep)
+        want, want_mask = trainable(["a red circle", "", "a star"])
+        assert torch.equal(cond["context"], want) and torch.equal(cond["context_mask"], want_mask)
 
 
 class LabelledShapes(ShapesDataset):

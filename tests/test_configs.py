@@ -55,7 +55,8 @@ def test_default_ldm_run_is_the_stage2_quickstart(tmp_path):
     assert cfg["module"]["_target_"] == "ldm.lit.ldm.LatentDiffusionModule"
     assert cfg["loss"]["schedule"] == "linear" and cfg["loss"]["num_timesteps"] == 1000
     assert cfg["monitor"] == "val/loss" and cfg["resolution"] == 32
-    assert cfg["autoencoder_ckpt"] == "???"
+    assert cfg["autoencoder"] == {"pretrained": "???"} and cfg["autoencoder_ckpt"] is None  # required: one of them
+    assert cfg["unet"]["pretrained"] is None and cfg["unet_pretrained"] is None
 
 
 def test_sample_config_composes(tmp_path):
@@ -81,11 +82,67 @@ def test_sample_config_composes(tmp_path):
 
 def test_missing_stage1_checkpoint_is_named(tmp_path):
     cfg = compose_train(["stage=ldm"], output_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"stage=ldm needs the stage-1 checkpoint: autoencoder_ckpt="):
+    with pytest.raises(ValueError, match=r"stage=ldm needs the stage-1 checkpoint: autoencoder.pretrained=.*"
+                                         r"older spelling: autoencoder_ckpt="):
         train.check_config(cfg)
-    cfg = compose_train(["stage=ldm", f"autoencoder_ckpt={tmp_path}/nope.ckpt"], output_dir=tmp_path)
-    with pytest.raises(ValueError, match="nope.ckpt does not exist"):
+    for key in ("autoencoder.pretrained", "autoencoder_ckpt"):
+        cfg = compose_train(["stage=ldm", f"{key}={tmp_path}/nope.ckpt"], output_dir=tmp_path)
+        with pytest.raises(ValueError, match=f"{key}=.*nope.ckpt does not exist"):
+            train.check_config(cfg)
+
+
+@pytest.mark.parametrize("spelling", ["issue", "older"])
+def test_pretrained_sources_take_both_spellings(spelling, tmp_path):
+    """`autoencoder.pretrained=` / `unet.pretrained=` (the main spelling) and `autoencoder_ckpt=` / `unet_pretrained=`
+    (the older one) compose, pass the checks and are stored under both keys; the U-Net spec still builds."""
+    from ldm.checkpoint import architecture, instantiate
+
+    (tmp_path / "ae.ckpt").touch()
+    (tmp_path / "unet").mkdir()
+    ae_key, unet_key = (("autoencoder.pretrained", "unet.pretrained") if spelling == "issue"
+                        else ("autoencoder_ckpt", "unet_pretrained"))
+    cfg = compose_train(["stage=ldm", f"{ae_key}={tmp_path}/ae.ckpt", f"{unet_key}={tmp_path}/unet"],
+                        output_dir=tmp_path)
+    train.check_config(cfg)
+    train.one_spelling(cfg)
+    out = resolved(cfg)
+    assert out["autoencoder"]["pretrained"] == out["autoencoder_ckpt"] == f"{tmp_path}/ae.ckpt"
+    assert out["unet"]["pretrained"] == out["unet_pretrained"] == f"{tmp_path}/unet"
+    assert instantiate(architecture(out["unet"])).context_dim == out["text_encoder"]["context_dim"]
+
+
+def test_two_spellings_of_one_source_must_agree(tmp_path):
+    for path in ("a.ckpt", "b.ckpt", "unet"):
+        (tmp_path / path).touch()
+    a, b = f"{tmp_path}/a.ckpt", f"{tmp_path}/b.ckpt"
+    train.check_config(compose_train(["stage=ldm", f"autoencoder.pretrained={a}", f"autoencoder_ckpt={a}"],
+                                     output_dir=tmp_path))  # the same path twice is fine
+    cfg = compose_train(["stage=ldm", f"autoencoder.pretrained={a}", f"autoencoder_ckpt={b}",
+                         f"unet.pretrained={tmp_path}/unet", f"unet_pretrained={a}"], output_dir=tmp_path)
+    with pytest.raises(ValueError) as err:
         train.check_config(cfg)
+    message = str(err.value)
+    assert "autoencoder.pretrained=" in message and "autoencoder_ckpt=" in message and "b.ckpt" in message
+    assert "unet.pretrained=" in message and "unet_pretrained=" in message and "name different sources" in message
+
+
+def test_cache_config_takes_both_spellings(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ldm.cache import run
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("cache", overrides=["autoencoder.pretrained=x.ckpt", "out_dir=y"])
+        assert cfg.autoencoder.pretrained == "x.ckpt" and cfg.ckpt is None
+        assert compose("cache", overrides=["ckpt=x.ckpt", "out_dir=y"]).ckpt == "x.ckpt"
+        with pytest.raises(ValueError, match="no autoencoder: pass autoencoder.pretrained=.*older spelling: ckpt="):
+            run(compose("cache", overrides=["out_dir=y"]))
+        with pytest.raises(FileNotFoundError, match="autoencoder.pretrained=x.ckpt does not exist"):
+            run(cfg)
+        with pytest.raises(ValueError, match="autoencoder.pretrained=x.ckpt and ckpt=z.ckpt name different sources"):
+            run(compose("cache", overrides=["autoencoder.pretrained=x.ckpt", "ckpt=z.ckpt", "out_dir=y"]))
 
 
 def test_default_run_is_the_cpu_quickstart(tmp_path):
@@ -162,7 +219,7 @@ def test_evaluate_config_composes(data, tmp_path):
             with open_dict(cfg):
                 del cfg["hydra"]
             out = OmegaConf.to_container(cfg, resolve=True)
-            assert out["task"] == "auto" and out["extractor"] == "vgg16" and out["sampler"]["name"] == sampler
+            assert out["task"] == "auto" and out["extractor"] == "auto" and out["sampler"]["name"] == sampler
             assert out["data"]["dataset"]["resolution"] == 32 and out["stats_dir"] and out["results_csv"]
 
 

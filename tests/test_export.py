@@ -471,6 +471,51 @@ def test_cache_and_evaluate_take_a_pretrained_autoencoder(tmp_path):
     assert 0 < results["metrics"]["psnr"]["mean"] < 60
 
 
+def test_the_issue_spelling_reaches_the_same_sources(tmp_path):
+    """`autoencoder.pretrained=` / `unet.pretrained=` (train.py stage=ldm) and `autoencoder.pretrained=` (ldm.cache)
+    read the same autoencoder and U-Net as the older `autoencoder_ckpt=` / `unet_pretrained=` / `ckpt=`."""
+    from helpers import CONFIG_DIR, compose_train, resolved
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from test_train_stage2 import TINY_LDM
+
+    import train
+    from ldm.cache import run
+    from ldm.checkpoint import architecture, instantiate
+
+    vae = diffusers_vae(TINY_VAE)
+    vae.save_pretrained(tmp_path / "vae")
+    base = TINY_LDM + [f"cache_dir={tmp_path}/cache", "latent_stats_images=8", "data.dataset.size=8"]
+    torch.manual_seed(0)
+    unet = instantiate(architecture(resolved(compose_train(base))["unet"]))  # the tiny U-Net of the run, nonzero
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    write_diffusers_unet(tmp_path / "unet", unet.state_dict(), read_any_spec(unet), sample_size=16)
+
+    modules = {}
+    for spelling, keys in (("issue", ("autoencoder.pretrained", "unet.pretrained")),
+                           ("older", ("autoencoder_ckpt", "unet_pretrained"))):
+        cfg = compose_train(base + [f"{keys[0]}={tmp_path}/vae", f"{keys[1]}={tmp_path}/unet"], output_dir=tmp_path)
+        train.check_config(cfg)
+        modules[spelling], _ = train.build_ldm_stage(cfg, {})  # the first one builds the cache, the second reuses it
+    for module in modules.values():
+        assert all(torch.equal(v, unet.state_dict()[k]) for k, v in module.unet.state_dict().items())
+        assert torch.equal(module.autoencoder.decoder.conv_in.weight, vae.decoder.conv_in.weight)
+        assert module.meta["autoencoder"]["ckpt_path"] == f"{tmp_path}/vae"
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("cache", overrides=[f"autoencoder.pretrained={tmp_path}/vae", f"out_dir={tmp_path}/cache2",
+                                          "data.dataset.size=4", "data.dataset.val_size=2", "data.num_workers=0",
+                                          "device=cpu", "latent_stats_images=4", "progress=false"])
+    manifest = run(cfg)
+    first = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["autoencoder"]["identity"] == first["autoencoder"]["identity"]
+    assert manifest["autoencoder"]["ckpt_path"] == str((tmp_path / "vae").resolve())
+    assert manifest["latent_stats"]["scale"] == 0.3 and manifest["splits"]["train"]["num_samples"] == 4
+
+
 def test_an_sd_style_single_file_serves_as_autoencoder_and_as_unet(stage2_ema, tmp_path):
     """One file with first_stage_model.* and model.diffusion_model.* (like SD's): a stage-1 source on its own (the
     autoencoder's shapes name it), a U-Net source once a preset gives the heads."""
@@ -488,6 +533,44 @@ def test_an_sd_style_single_file_serves_as_autoencoder_and_as_unet(stage2_ema, t
     spec = load_checkpoint(stage2_ema)["ldm"]["config"]["unet"]
     unet = load_unet(tmp_path / "sd.safetensors", preset=spec)
     assert all(torch.equal(v, reference.unet.state_dict()[k]) for k, v in unet.state_dict().items())
+
+
+def test_diffusers_converter_reloads_our_compvis_unet_export(stage2_ema, tmp_path):
+    """Our CompVis single-file export of a cross-attention U-Net (linear projections, scale-shift ResBlocks), read
+    by diffusers' own converter into a UNet2DConditionModel: a strict load, equal outputs."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from ldm.interop.configs import unet_diffusers_config
+
+    ours = build_latent_diffusion(stage2_ema).unet  # the EMA weights, which the export takes
+    export(stage2_ema, "compvis", tmp_path / "m.safetensors")
+    flat = load_file(str(tmp_path / "m.safetensors"))
+    assert any(k.startswith("first_stage_model.") for k in flat)  # the whole model: the converter picks the U-Net
+    theirs = _quiet(UNet2DConditionModel.from_config, unet_diffusers_config(ours, sample_size=8)).eval()
+    theirs.load_state_dict(convert_ldm_unet_checkpoint(flat, dict(theirs.config)), strict=True)
+    config = {"cross_attention_dim": ours.context_dim}
+    expected = unet_output(ours, config, ours=True)
+    assert expected.abs().max() > 1e-2  # not the zero output of zero-initialised layers
+    assert_close(unet_output(theirs, config, ours=False), expected)
+
+
+def test_sampling_a_foreign_release_says_what_it_holds(stage2_ema, tmp_path):
+    """An SD single file or a diffusers pipeline folder (autoencoder + U-Net, no text encoder ldm rebuilds) given to
+    sample.py: the error names what the source holds and where its parts can be used."""
+    export(stage2_ema, "compvis", tmp_path / "ours.safetensors")
+    save_file(load_file(str(tmp_path / "ours.safetensors")), str(tmp_path / "sd.safetensors"))  # no ldm metadata
+    pipe = export(stage2_ema, "diffusers", tmp_path / "pipe")
+    (pipe / "ldm.json").unlink()  # now a diffusers pipeline folder like any other
+    for source, kind in ((tmp_path / "sd.safetensors", "a CompVis / Stable Diffusion file"),
+                         (pipe, "a diffusers model or pipeline folder")):
+        with pytest.raises(ValueError) as err:
+            load_latent_diffusion(source)  # what sample.py calls
+        message = str(err.value)
+        assert f"{source} is {kind} that holds an autoencoder and a U-Net but no text encoder" in message
+        assert "sample.py needs a stage-2 checkpoint of ours (train.py stage=ldm) or its export" in message
+        assert f"autoencoder.pretrained={source} unet.pretrained={source}" in message
+        assert "is a 'autoencoder' checkpoint" not in message
 
 
 def test_exported_pipeline_samples_what_ldm_samples(stage1_ckpt, tmp_path):

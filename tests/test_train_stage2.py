@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose_train
+from helpers import TINY_RUN, compose_train
 from PIL import Image
 from stage2_fixtures import make_stage1_checkpoint
 
 import train
-from ldm.checkpoint import build_latent_diffusion, load_checkpoint
+from ldm.checkpoint import build_autoencoder, build_latent_diffusion, load_checkpoint
+from ldm.data.latent_format import autoencoder_identity
 from ldm.generate import generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +98,8 @@ def test_sample_cli_writes_pngs_and_a_grid(stage2_run, sampler, tmp_path):
     assert grid.size[0] > 3 * 32
     records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [r["sampler"] for r in records] == [sampler] * 3 and records[0]["steps"] == 4
+    timing = json.loads((tmp_path / "timing.json").read_text())
+    assert timing["images"] == 3 and timing["images_per_s"] > 0 and timing["device"] == "cpu"
 
 
 def test_sample_cli_refuses_a_stage1_checkpoint(stage1_ckpt, tmp_path):
@@ -124,6 +127,14 @@ def test_stage2_refuses_a_cache_of_another_autoencoder(stage2_run, tmp_path):
         train.train(cfg)
 
 
+def test_stage2_refuses_a_cache_made_at_another_resolution(stage2_run, stage1_ckpt, tmp_path):
+    run_dir, _ = stage2_run  # its cache holds 32 px images (8x8 latents)
+    cfg = compose_train(TINY_LDM + ["resolution=64", f"autoencoder_ckpt={stage1_ckpt}", f"cache_dir={run_dir}/cache"],
+                        output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"latent shape: cache \[4, 8, 8\] \(images of 32 px\) vs configured \[4, 16, 16\]"):
+        train.train(cfg)
+
+
 def test_stage2_resume_continues_the_step_count(stage2_run, stage1_ckpt, tmp_path):
     run_dir, _ = stage2_run
     cfg = compose_train(TINY_LDM + [f"autoencoder_ckpt={stage1_ckpt}", f"cache_dir={run_dir}/cache",
@@ -146,3 +157,31 @@ def test_stage2_mixed_precision_on_gpu(stage1_ckpt, tmp_path, precision):
     images = generate(model, ["a small blue square"] * 2, sampler="dpmpp_2m", steps=4,
                       generator=torch.Generator("cuda").manual_seed(0), autocast_dtype=torch.bfloat16)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_quickstart_chain_stage1_cache_stage2_sample(tmp_path):
+    """README's quickstart in miniature: train.py stage 1 -> train.py stage=ldm (builds the cache) -> sample.py."""
+    s1_dir, s2_dir, out = tmp_path / "s1", tmp_path / "s2", tmp_path / "samples"
+    train.train(compose_train(TINY_RUN + ["trainer.max_steps=3"], output_dir=s1_dir))
+    s1_ckpt = s1_dir / "checkpoints" / "last.ckpt"
+    s1 = load_checkpoint(s1_ckpt)
+    train.train(compose_train(TINY_LDM + [f"autoencoder_ckpt={s1_ckpt}", f"cache_dir={s2_dir}/cache",
+                                          "trainer.max_steps=4"], output_dir=s2_dir))
+    manifest = json.loads((s2_dir / "cache" / "manifest.json").read_text())
+    model, _ = build_autoencoder(s1_ckpt)
+    assert manifest["autoencoder"]["identity"] == autoencoder_identity(model)
+    assert manifest["latent_stats"]["scale"] == s1["ldm"]["latent_stats"]["scale"]
+    assert load_checkpoint(s2_dir / "checkpoints" / "last.ckpt")["ldm"]["latent_stats"] == s1["ldm"]["latent_stats"]
+    prompts = ["a large red circle in the center, on a black background", "a small blue square in the top left"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+    proc = subprocess.run(
+        [sys.executable, "sample.py", f"ckpt={s2_dir}/checkpoints/last.ckpt", f"prompts_file={tmp_path}/prompts.txt",
+         "n=2", "steps=3", "sampler=dpmpp_2m", "seed=0", "device=cpu", f"out_dir={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == [prompts[0]] * 2 + [prompts[1]] * 2
+    assert len(list((out / "images").glob("*.png"))) == 4
+    width, height = Image.open(out / "grid.png").size
+    assert width >= 2 * 32 and height >= 2 * 32  # one row per prompt, one column per image

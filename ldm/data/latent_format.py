@@ -85,7 +85,8 @@ def check_cache_compatible(manifest: Mapping[str, Any], identity: str | None = N
         latent_shape: expected (C, h, w) of a latent.
         stats: the autoencoder's latent statistics (from its checkpoint).
         text_encoder: the condition encoder (or its ``identity()`` dict). Only compared when the cache holds
-            embeddings and the encoder is frozen: a trainable encoder ignores cached embeddings.
+            embeddings and the encoder is frozen: a trainable encoder ignores cached embeddings
+            (``ldm.generate.training_condition`` runs it on the captions instead).
     Raises ValueError naming the cached and the configured value.
     """
     source = manifest.get("autoencoder", {}).get("ckpt_path")
@@ -94,7 +95,9 @@ def check_cache_compatible(manifest: Mapping[str, Any], identity: str | None = N
     if identity is not None and cached_id != identity:
         problems.append(f"autoencoder identity: cache {cached_id} (from {source}) vs configured {identity}")
     if latent_shape is not None and list(manifest.get("latent_shape", [])) != [int(s) for s in latent_shape]:
-        problems.append(f"latent shape: cache {manifest.get('latent_shape')} vs configured {list(latent_shape)}")
+        problems.append(f"latent shape: cache {manifest.get('latent_shape')} (images of "
+                        f"{manifest.get('resolution')} px) vs configured {list(latent_shape)}; set resolution= to "
+                        "the cache's or point at a cache made at this resolution")
     if stats is not None:
         problems += [f"latent statistics {p}" for p in _stats_differ(manifest.get("latent_stats") or {}, stats)]
     cached_text = (manifest.get("text_encoder") or {}).get("identity")
