@@ -29,7 +29,7 @@ from ldm.distributed import broadcast_object, init_distributed, resolve_device
 from ldm.evaluation import evaluate_generation, evaluate_image_sets, evaluate_reconstruction
 from ldm.export import read_any
 from ldm.losses.lpips import build_lpips
-from ldm.metrics.features import build_extractor
+from ldm.metrics.features import build_extractor, resolve_extractor
 from ldm.metrics.report import (
     PAPER_TABLES,
     append_results_csv,
@@ -77,13 +77,20 @@ def autocast_dtype(precision: str, device: torch.device, task: str) -> torch.dty
     return _AUTOCAST[precision]
 
 
+def latent_geometry(autoencoder) -> dict[str, int]:
+    """The autoencoder's downsampling factor ``f`` and latent channels: columns of the results CSV, so that
+    ``python -m ldm.report results.csv --x f --y rfid`` draws the paper's rFID-vs-f comparison."""
+    return {"f": int(autoencoder.downsample_factor), "z_channels": int(autoencoder.latent_channels)}
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     """Run the evaluation ``cfg`` describes; returns the results dict on rank 0 (None on other ranks)."""
     task, ckpt = pick_task(cfg)
     device = resolve_device(str(cfg.device))
     rank, world = init_distributed(device)
     out_dir = Path(broadcast_object(str(cfg.out_dir)))  # rank 0's folder for every rank (its clock names it)
-    extractor = build_extractor(cfg.extractor, cfg.inception_weights).to(device)
+    name = resolve_extractor(str(cfg.extractor), cfg.inception_weights)  # auto: inception if its file is found
+    extractor = build_extractor(name, cfg.inception_weights if name == "inception" else cfg.vgg16_weights).to(device)
     if task != "fid" and cfg.resolution is None:  # the checkpoint's training resolution
         with open_dict(cfg):
             cfg.resolution = int(ckpt["ldm"]["config"]["resolution"])
@@ -105,7 +112,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
         results = evaluate_reconstruction(
             autoencoder, dataset, extractor=extractor, lpips=build_lpips(cfg.lpips_net) if cfg.lpips_net else None,
             n_images=cfg.n_samples, autocast_dtype=amp, grid_path=out_dir / "reconstructions.png", **common)
-        results.update(data=data, lpips_net=cfg.lpips_net,
+        results.update(data=data, lpips_net=cfg.lpips_net, **latent_geometry(autoencoder),
                        weights="ema" if any(k.startswith("autoencoder_ema.") for k in ckpt["state_dict"]) else "raw")
     elif task == "generation":
         model = build_latent_diffusion(ckpt, use_ema=bool(cfg.use_ema)).to(device)
@@ -125,7 +132,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
             n_reference=cfg.n_reference, overwrite=bool(cfg.overwrite), **common,
             alignment=isinstance(dataset, ShapesDataset) if cfg.alignment == "auto" else bool(cfg.alignment))
         if results is not None:
-            results.update(data=data, weights="ema" if cfg.use_ema and any(
+            results.update(data=data, **latent_geometry(model.autoencoder), weights="ema" if cfg.use_ema and any(
                 k.startswith("unet_ema.") for k in ckpt["state_dict"]) else "raw")
     if rank != 0:
         return None

@@ -25,11 +25,13 @@ from PIL import Image
 import evaluate
 from ldm.checkpoint import build_autoencoder
 from ldm.data.shapes import ShapesDataset
+from ldm.data.shards import write_shards
 from ldm.losses.lpips import build_lpips
 from ldm.metrics.features import build_extractor
 from ldm.metrics.fid import FeatureStats, StatsAccumulator, fid_from_stats
 from ldm.metrics.recon import psnr, ssim
 from ldm.metrics.report import KEY_COLUMNS
+from ldm.report import main as report_main
 
 ROOT = Path(__file__).resolve().parents[1]
 VAL = ["data=shapes", "data.dataset.val_size=16", "data.num_workers=0", "num_workers=0", "progress=false"]
@@ -100,7 +102,7 @@ def test_stage1_numbers_equal_an_independent_computation(stage1_ckpt, fast_vgg, 
         assert m[name]["mean"] == pytest.approx(values.double().mean().item(), rel=1e-4, abs=1e-5), name
         assert m[name]["std"] == pytest.approx(values.double().std(unbiased=False).item(), rel=1e-3, abs=1e-5)
     assert m["rfid"] == pytest.approx(fid_from_stats(_stats(fast_vgg, x), _stats(fast_vgg, r)), rel=1e-4)
-    assert m["rfid"] > 0 and "mean" in m["kid"]
+    assert m["rfid"] > 0 and m["kid"]["mean"] != 0 and m["kid"]["std"] is None  # 12 images: one subset, no spread
     assert (tmp_path / "out" / "reconstructions.png").is_file()
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["metrics"]["psnr"] == pytest.approx(m["psnr"]) and saved["config_hash"] == res["config_hash"]
@@ -109,6 +111,10 @@ def test_stage1_numbers_equal_an_independent_computation(stage1_ckpt, fast_vgg, 
         (row,) = list(csv.DictReader(f))
     assert row["checkpoint"] == str(stage1_ckpt) and row["task"] == "recon" and row["seed"] == "0"
     assert float(row["psnr"]) == pytest.approx(m["psnr"]["mean"]) and row["extractor"] == "vgg16"
+    assert (row["f"], row["z_channels"]) == ("4", "4") == (str(res["f"]), str(res["z_channels"]))  # the tiny KL-f4
+    # the results CSV draws rFID against the downsampling factor (the paper's Table 8 axis)
+    assert report_main([str(tmp_path / "results.csv"), "--x", "f", "--y", "rfid", "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "rfid_vs_f.png").is_file()
 
 
 def _umask() -> int:
@@ -123,6 +129,8 @@ def test_stage2_generates_resumes_and_caches_reference_stats(stage2_ckpt, fast_v
             "device=cpu", *VAL, f"out_dir={out}", "alignment=false"]
     first = evaluate.evaluate(compose_eval([*base, "alignment=auto"], tmp_path))  # auto: on for `shapes`
     assert first["task"] == "generation" and first["n_images"] == 8 and first["timing"]["generated_now"] == 8
+    assert set(first["timing"]["phase_seconds"]) == {"checkpoint_sha256", "prompts", "reference_stats", "generation",
+                                                    "generated_features", "alignment", "sample_grid"}
     assert first["sampler"] == {"name": "ddim", "steps": 2, "cfg_scale": 2.0, "eta": 0.0}
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:06d}.png" for i in range(8)]
     with Image.open(out / "samples.png") as grid:  # 8 images of 32 px in one row, 2 px padding
@@ -222,6 +230,20 @@ def test_fid_between_folders_and_results_files(folders, fast_vgg, tmp_path, caps
         rows = list(csv.DictReader(f))
     assert [r["task"] for r in rows] == ["fid", "fid"] and list(rows[0])[:len(KEY_COLUMNS)] == list(KEY_COLUMNS)
     assert rows[0]["config_hash"] != rows[1]["config_hash"] and float(rows[1]["fid"]) > 1.0
+
+
+def test_fid_takes_webdataset_shards_as_either_set(folders, fast_vgg, tmp_path):
+    a, _ = folders
+    images = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
+              for p in sorted(a.glob("*.png"))]
+    (tmp_path / "shards").mkdir()
+    written = write_shards(({"image": im, "caption": "", "key": f"{i:03d}"} for i, im in enumerate(images)),
+                           str(tmp_path / "shards" / "part-%03d.tar"), maxcount=6)
+    assert len(written) == 2  # 6 + 4 images
+    for real in (f"{tmp_path}/shards/part-{{000..001}}.tar", f"{tmp_path}/shards"):  # a brace pattern, a folder
+        res = evaluate.evaluate(compose_eval(["task=fid", f"real='{real}'", f"fake={a}", "num_workers=0",
+                                              "progress=false", f"out_dir={tmp_path}/out"], tmp_path))
+        assert res["n_images"] == res["n_real"] == 10 and res["metrics"]["fid"] < 1e-6, real  # the same images
 
 
 def test_fid_cli_prints_fid_and_kid_and_compares(folders, tmp_path):

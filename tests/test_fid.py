@@ -21,6 +21,7 @@ from ldm.metrics.features import (
     InceptionFeatures,
     build_extractor,
     inception_weights_path,
+    resolve_extractor,
 )
 from ldm.metrics.fid import (
     FeatureStats,
@@ -191,15 +192,11 @@ def test_fid_kid_is_match_torch_fidelity(inception_pair):
     with torch.no_grad():
         fa, la, _ = theirs(set_a)
         fb, _, _ = theirs(set_b)
-    # torch-fidelity's FID takes the eigenvalues of a non-symmetric 2048x2048 product (about a minute on two
-    # cores); both pipelines are compared on the first 256 features instead: same statistics, smaller matrices.
-    k = 256
-    ref = fid_statistics_to_metric(fid_features_to_statistics(fa[:, :k].double()),
-                                   fid_features_to_statistics(fb[:, :k].double()),
+    # all 2048 features, as FID uses them (rank-deficient covariances: 5 images per set)
+    ref = fid_statistics_to_metric(fid_features_to_statistics(fa.double()), fid_features_to_statistics(fb.double()),
                                    verbose=False)["frechet_inception_distance"]
-    head = lambda s: FeatureStats(s.mean[:k], s.cov[:k, :k], s.count, s.extractor, s.meta)
-    assert ref > 1.0
-    assert fid_from_stats(head(sa), head(sb)) == pytest.approx(ref, rel=1e-3)
+    assert sa.mean.shape == (2048,) and sa.cov.shape == (2048, 2048) and ref > 1.0
+    assert fid_from_stats(sa, sb) == pytest.approx(ref, rel=1e-3)
     want_is = isc_features_to_metric(la, splits=2, shuffle=False)
     got_is = inception_score(sa.logits, splits=2)
     assert got_is == pytest.approx((want_is["inception_score_mean"], want_is["inception_score_std"]), rel=1e-4)
@@ -271,6 +268,22 @@ def test_missing_inception_weights_say_where_to_put_them(tmp_path, monkeypatch):
     found.parent.mkdir(parents=True)
     found.write_bytes(b"")
     assert inception_weights_path() == found
+
+
+def test_auto_extractor_takes_inception_when_its_file_is_found(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    with caplog.at_level("WARNING", logger="ldm.metrics.features"):
+        assert resolve_extractor("auto") == "vgg16"
+    assert "vgg16" in caplog.text and INCEPTION_WEIGHTS_FILE in caplog.text  # said, not silent
+    with pytest.raises(FileNotFoundError, match="missing.pth"):  # a configured file that is not there
+        resolve_extractor("auto", tmp_path / "missing.pth")
+    found = tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    found.parent.mkdir(parents=True)
+    found.write_bytes(b"")
+    assert resolve_extractor("auto") == "inception"
+    assert resolve_extractor("vgg16") == "vgg16" and resolve_extractor("inception") == "inception"
 
 
 def test_unknown_extractor_name_lists_choices():

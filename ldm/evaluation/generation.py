@@ -15,6 +15,7 @@ missing PNGs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -235,13 +236,17 @@ def evaluate_generation(
     the other ranks.
     """
     started = time.perf_counter()
+    phases = Phases()
     rank, world = rank_world()
     out_dir = Path(out_dir)
     field = "label" if getattr(model.text_encoder, "input_key", "caption") == "label" else "caption"
-    settings = {"checkpoint_sha256": file_sha256(checkpoint) if rank == 0 else None, "sampler": sampler,
+    with phases("checkpoint_sha256"):
+        sha = file_sha256(checkpoint) if rank == 0 else None
+    settings = {"checkpoint_sha256": sha, "sampler": sampler,
                 "steps": steps, "cfg_scale": cfg_scale, "sampler_options": sampler_options or {}, "seed": seed,
                 "batch_size": batch_size, "precision": str(autocast_dtype or "fp32"), "condition": field}
-    prompts = read_prompts(dataset, n_samples, field, batch_size, num_workers)
+    with phases("prompts"):
+        prompts = read_prompts(dataset, n_samples, field, batch_size, num_workers)
     problem = _prepare(out_dir, settings, prompts, overwrite) if rank == 0 else None
     check_on_rank0(problem)
     barrier()
@@ -255,9 +260,10 @@ def evaluate_generation(
     key = hashlib.sha256(json.dumps({**meta, "extractor": extractor.identity()}, sort_keys=True,
                                     default=str).encode()).hexdigest()[:10]
     stats_path = Path(stats_dir) / f"{name}-{split}-{resolution}px-n{count}-{extractor.name}-{key}.npz"
-    real = reference_stats(stats_path, meta, extractor, lambda: to_stats(
-        dataset_features(dataset, extractor, device, count, batch_size, num_workers, "reference features",
-                         progress), extractor, meta))
+    with phases("reference_stats"):
+        real = reference_stats(stats_path, meta, extractor, lambda: to_stats(
+            dataset_features(dataset, extractor, device, count, batch_size, num_workers, "reference features",
+                             progress), extractor, meta))
 
     generated, gen_seconds = generate_images(
         model, prompts, out_dir, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
@@ -268,23 +274,41 @@ def evaluate_generation(
     with Image.open(image_path(out_dir, 0)) as first:
         side = first.size[0]
     fakes = ImageFolderDataset(out_dir / "images", split="all", resolution=side)
-    fake_features = dataset_features(fakes, extractor, device, n_samples, batch_size, num_workers,
-                                     "generated features", progress)
+    with phases("generated_features"):
+        fake_features = dataset_features(fakes, extractor, device, n_samples, batch_size, num_workers,
+                                         "generated features", progress)
     if rank != 0:
         return None
     fake = to_stats(fake_features, extractor, {"images": str(out_dir / "images"), "count": n_samples})
     metrics = feature_metrics(real, fake, seed=seed)
     if alignment:
-        score = alignment_metrics(out_dir, prompts)
-        metrics.update(score)
-    save_sample_grid(out_dir, n_samples)
+        with phases("alignment"):
+            metrics.update(alignment_metrics(out_dir, prompts))
+    with phases("sample_grid"):
+        save_sample_grid(out_dir, n_samples)
     seconds = time.perf_counter() - started
     return {"task": "generation", "metrics": metrics, "n_images": fake.count, "n_reference": real.count,
             "reference_stats": str(stats_path), "extractor": extractor.identity(), "images": str(out_dir / "images"),
             "timing": {"seconds": round(seconds, 3), "seconds_per_1000_images": round(1000 * seconds / fake.count, 3),
                        "generated_now": generated, "generation_seconds": round(gen_seconds, 3),
                        "generation_seconds_per_1000_images":
-                           round(1000 * gen_seconds / generated, 3) if generated else None}}
+                           round(1000 * gen_seconds / generated, 3) if generated else None,
+                       "phase_seconds": {"generation": round(gen_seconds, 3), **phases.seconds}}}
+
+
+class Phases:
+    """Wall seconds per named phase of an evaluation: ``with phases("alignment"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
 
 def save_sample_grid(out_dir: Path, n: int, count: int = 64, nrow: int = 8) -> Path:

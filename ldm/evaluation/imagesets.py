@@ -8,6 +8,7 @@ Every image reaches a feature extractor as uint8 ``[B, 3, H, W]`` (what a PNG ho
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import tarfile
@@ -28,6 +29,8 @@ from ldm.data.images import ImageFolderDataset
 from ldm.data.shards import IMAGE_KEYS, WebDatasetImages, expand_shard_urls
 from ldm.distributed import gather_rows, rank_world
 from ldm.metrics.fid import FeatureStats, StatsAccumulator, fid_from_stats, inception_score, kid
+
+log = logging.getLogger("ldm.evaluate")
 
 
 # Evaluation sees every image once, center-cropped, unflipped, in a fixed order (train split included).
@@ -191,13 +194,16 @@ def to_stats(features: dict[str, Any], extractor: torch.nn.Module, meta: dict[st
 
 
 def feature_metrics(real: FeatureStats, fake: FeatureStats, seed: int = 0, kid_subsets: int = 100) -> dict[str, Any]:
-    """FID and KID (mean ± std over subsets) of ``fake`` against ``real``; Inception Score when ``fake`` has
-    Inception logits. Keys as ``ldm.metrics.report`` expects: ``fid``, ``kid``, ``is``."""
+    """FID and KID (mean ± std over subsets of 1,000) of ``fake`` against ``real``; Inception Score when ``fake``
+    has Inception logits. Keys as ``ldm.metrics.report`` expects: ``fid``, ``kid``, ``is``. With 1,000 images or
+    fewer per set every subset is the whole set: KID is computed once and its std is None (there is no spread)."""
     metrics: dict[str, Any] = {"fid": fid_from_stats(real, fake)}
     if real.features is not None and fake.features is not None:
         size = min(1000, len(real.features), len(fake.features))
-        k_mean, k_std = kid(real.features, fake.features, subsets=kid_subsets, subset_size=size, seed=seed)
-        metrics["kid"] = {"mean": float(k_mean), "std": float(k_std)}
+        whole = size == len(real.features) == len(fake.features)
+        k_mean, k_std = kid(real.features, fake.features, subsets=1 if whole else kid_subsets, subset_size=size,
+                            seed=seed)
+        metrics["kid"] = {"mean": float(k_mean), "std": None if whole else float(k_std)}
     if fake.logits is not None:
         is_mean, is_std = inception_score(fake.logits, splits=min(10, len(fake.logits)))
         metrics["is"] = {"mean": float(is_mean), "std": float(is_std)}
@@ -226,6 +232,9 @@ def evaluate_image_sets(real: str | os.PathLike, fake: str | os.PathLike, extrac
             if sets[name].extractor.get("name") != extractor.identity().get("name"):
                 raise ValueError(f"real={path} holds {sets[name].extractor.get('name')} statistics but "
                                  f"extractor={extractor.identity().get('name')}; use the same extractor")
+            if sets[name].features is None:
+                log.warning("real=%s stores no per-image features, so only FID is computed (KID needs them): "
+                            "point real= at the image set, or at statistics saved with their features", path)
             continue
         dataset = open_image_set(path, resolution, name)
         feats = dataset_features(dataset, extractor, device, limit, batch_size, num_workers, f"{name} features",

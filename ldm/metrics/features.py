@@ -14,6 +14,7 @@ Two extractors, picked by name and never substituted for one another:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from torch import Tensor, nn
 from ldm.losses.lpips import vgg16_features
 from ldm.metrics.inception import INPUT_SIZE, NUM_LOGITS, POOL3_DIM, FIDInceptionV3
 from ldm.pretrained import load_lpips_backbone
+
+log = logging.getLogger(__name__)
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
@@ -213,8 +216,9 @@ def inception_weights_path(path: str | os.PathLike | None = None) -> Path:
         f"FID Inception-v3 weights not found: looked for {', '.join(str(p) for p in places)}.\n"
         f"Put torch-fidelity's weights file {INCEPTION_WEIGHTS_FILE} into {target.parent}/ (download it on a "
         f"machine with internet from {INCEPTION_WEIGHTS_URL}, or copy it from a torch hub cache there), or "
-        f"configure its path. For an offline Fréchet distance choose the 'vgg16' extractor explicitly; its "
-        f"numbers are not comparable with published FIDs, so ldm never switches to it by itself."
+        f"configure its path. For an offline Fréchet distance choose the 'vgg16' extractor (extractor=auto takes "
+        f"it when this file is missing, with a warning); its numbers carry its name and are not comparable with "
+        f"published FIDs, so an explicit extractor=inception never switches to it."
     )
 
 
@@ -261,6 +265,25 @@ def _load_vgg16(weights: str | os.PathLike | None) -> VGG16Features:
     model.load_state_dict(picked, strict=True)
     model.weights_source = source
     return model
+
+
+def resolve_extractor(name: str, inception_weights: str | os.PathLike | None = None) -> str:
+    """``"auto"`` -> ``"inception"`` when torch-fidelity's weights file is found (``inception_weights`` or the
+    torch hub cache), else ``"vgg16"`` with a warning that says where the Inception file would go (a configured
+    ``inception_weights`` that does not exist raises instead); any other name is returned as it is (an explicit
+    ``"inception"`` without the file fails in ``build_extractor``)."""
+    if str(name).lower() != "auto":
+        return str(name)
+    if inception_weights is not None:  # a configured file that is not there is a mistake, not a reason to switch
+        inception_weights_path(inception_weights)
+        return "inception"
+    try:
+        inception_weights_path(inception_weights)
+        return "inception"
+    except FileNotFoundError as missing:
+        log.warning("extractor=auto: no FID Inception weights, so FID/KID use the 'vgg16' extractor (every number "
+                    "is labelled vgg16; not comparable with published FIDs). %s", str(missing).split("\n")[1])
+        return "vgg16"
 
 
 def build_extractor(name: str, weights: str | os.PathLike | None = None) -> FeatureExtractor:
