@@ -2,7 +2,7 @@
 # Stage-2 proof on one GPU (benchmarks/results/stage2_*.json and docs/stage2_*.png come from this script):
 #   1. stage 1: the tiny KL-f4 autoencoder on 64 px `shapes` (quickstart recipe, bf16 chosen automatically)
 #   2. latent cache of `shapes` with that autoencoder (python -m ldm.cache)
-#   3. stage 2: the `small` U-Net + a byte-level text transformer trained from scratch on the cached latents
+#   3. stage 2: the `small` U-Net + a text transformer over hashed words (`transformer_small`: width 128, 2 layers) trained from scratch on the cached latents
 #   4. sample.py with each sampler (ddpm, ddim, dpmpp_2m) on fixed prompts
 # Usage: OUT=<dir> bash benchmarks/stage2_gpu.sh   (LDM_CACHE_DIR must hold the LPIPS weights when offline).
 # The knobs below shrink it for a CPU smoke test, e.g. S1_STEPS=20 S2_STEPS=20 CACHE_N=64 S2_BATCH=8 ...
@@ -72,7 +72,13 @@ r = {"stage1_val": {k: rows("outputs/autoencoder/s1/csv/version_*/metrics.csv", 
      "stage2_perf": load("outputs/ldm/s2/perf.json"),
      "device": open("outputs/stage2_log/device.txt").read().strip(),
      "phase_seconds": open("outputs/stage2_log/times.txt").read().strip(),
-     "sample_ms (sampler, steps, wall ms of sample.py incl. load)": (open("outputs/stage2_log/sample_ms.txt").read().split("\n") if os.path.exists("outputs/stage2_log/sample_ms.txt") else [])}
+     "sample_ms (sampler, steps, wall ms of sample.py incl. load)": (open("outputs/stage2_log/sample_ms.txt").read().split() if os.path.exists("outputs/stage2_log/sample_ms.txt") else []),
+     "sampling (sample.py timing.json: img/s of the sampling loop, peak GPU memory)":
+         {s: load(f"outputs/samples/{s}/timing.json") for s in ("ddpm", "ddim", "dpmpp_2m")
+          if os.path.exists(f"outputs/samples/{s}/timing.json")}}
+from ldm.checkpoint import load_checkpoint  # what the run trained: U-Net preset and text encoder, as resolved
+config = load_checkpoint("outputs/ldm/s2/checkpoints/last.ckpt")["ldm"]["config"]
+r["models"] = {"unet": config["unet"], "text_encoder": config["text_encoder"]}
 json.dump(r, open(f"{out}/stage2_metrics.json", "w"), indent=1)
 print(json.dumps(r)[:1500])
 PY
