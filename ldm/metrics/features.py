@@ -1,6 +1,7 @@
 """Frozen image feature extractors for FID / KID / IS (see DESIGN.md, "Pretrained parts without a network").
 
-Two extractors, picked by name and never substituted for one another:
+Two extractors, picked by name (``resolve_extractor`` turns ``auto`` into ``inception`` when its weights file is
+found, else ``vgg16`` with a warning); an explicit name is never substituted for the other:
 
 * ``inception`` -- the FID Inception-v3 (TF 2015-12-05 graph, torch-fidelity's weights file
   ``weights-inception-2015-12-05-6726825d.pth``): pool3 features (2048-d) and 1008 logits. Numbers computed
@@ -278,7 +279,7 @@ def resolve_extractor(name: str, inception_weights: str | os.PathLike | None = N
         inception_weights_path(inception_weights)
         return "inception"
     try:
-        inception_weights_path(inception_weights)
+        inception_weights_path()  # the torch hub cache
         return "inception"
     except FileNotFoundError as missing:
         log.warning("extractor=auto: no FID Inception weights, so FID/KID use the 'vgg16' extractor (every number "
