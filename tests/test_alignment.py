@@ -20,6 +20,7 @@ from ldm.data.shapes import (
     scene_attributes,
     scene_caption,
 )
+from ldm.metrics import alignment
 from ldm.metrics.alignment import (
     ATTRIBUTES,
     MIN_RELIABLE_RESOLUTION,
@@ -223,3 +224,21 @@ def test_worker_processes_give_the_same_score():
     assert 0.3 < serial["alignment"] < 0.8 and serial["n"] == 110
     with pytest.raises(ValueError, match="got 109 images for 110 captions"):
         alignment_score(iter(imgs[:-1]), caps, workers=2)
+
+
+def test_default_workers_only_when_the_first_chunk_says_they_pay(monkeypatch):
+    """workers=None: the first chunk runs here and is timed; processes take the rest only when it would run for
+    longer than SPAWN_WORTH_S in this process (their start-up costs seconds). Same score either way."""
+    images, captions = rendered(70, 64)
+    spread = []
+
+    def fake_parallel(pairs, workers, chunk):  # records the choice; runs the chunks here to stay fast
+        spread.append(workers)
+        return [alignment._chunk_totals(part) for part in alignment._chunks(pairs, chunk)]
+
+    monkeypatch.setattr(alignment, "_parallel_totals", fake_parallel)
+    serial = alignment_score(images, captions, workers=0)
+    assert alignment_score(iter(images), captions) == serial and spread == []  # ~3 ms per image: not worth it
+    monkeypatch.setattr(alignment, "SPAWN_WORTH_S", 0.0)
+    monkeypatch.setattr(alignment.os, "cpu_count", lambda: 4)
+    assert alignment_score(iter(images), captions) == serial and spread == [4]

@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import math
 import multiprocessing
 import os
+import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -337,18 +339,22 @@ def _chunks(pairs: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-# With workers=None, processes are used from this many images on (below it their start-up costs more).
-PARALLEL_FROM = 256
+# With workers=None the detector is timed on the first chunk, and worker processes take the rest only when it would
+# run longer than this in one process: a spawned worker pays seconds of start-up (it imports numpy, torch, PIL) and
+# the detector takes ~3 ms per 64 px image of a trained model, so a few thousand images are faster in one process.
+SPAWN_WORTH_S = 20.0
+CHUNK = 32
 
 
 def alignment_score(images: Iterable | torch.Tensor, captions: Sequence[str], workers: int | None = None) -> dict:
     """Share of ``images`` that match their ``captions`` (``match``'s ``all``) and per attribute.
 
     ``images``: a sequence or iterable of images as ``detect`` takes them, or a tensor [B, 3, H, W] (uint8, or
-    float in [0, 1]). ``workers``: processes that run the detector (0 = in this process); None = up to 8, one
-    per CPU core, from ``PARALLEL_FROM`` images on. The result does not depend on it. Generated images are
-    noisier than rendered ones and can hold dozens of blobs, each fitted against every outline, so a large
-    evaluation is worth spreading. Returns {"alignment": float, "per_attribute": {attribute: float}, "n": int};
+    float in [0, 1]). ``workers``: processes that run the detector (0 = in this process); None = in this process
+    unless the first ``CHUNK`` images say the rest would take over ``SPAWN_WORTH_S`` seconds, then up to 8, one
+    per CPU core. The result does not depend on it. Generated images of an untrained model can be noise with
+    dozens of blobs, each fitted against every outline (~40 ms per image instead of ~3), which is when processes
+    pay. Returns {"alignment": float, "per_attribute": {attribute: float}, "n": int};
     attributes are ``ATTRIBUTES`` ("all" included). Warns when images are smaller than
     ``MIN_RELIABLE_RESOLUTION``.
     """
@@ -356,8 +362,6 @@ def alignment_score(images: Iterable | torch.Tensor, captions: Sequence[str], wo
     if hasattr(images, "__len__") and len(images) != len(captions):
         raise ValueError(f"got {len(images)} images for {len(captions)} captions")
     parsed = [parse_caption(c) for c in captions]  # fail on a bad caption before detecting anything
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1) if len(captions) >= PARALLEL_FROM else 0
     warned = False
     n = 0
 
@@ -373,11 +377,15 @@ def alignment_score(images: Iterable | torch.Tensor, captions: Sequence[str], wo
             n += 1
             yield rgb, caption
 
+    todo = pairs()
+    parts: list[dict[str, int]] = []
+    if workers is None:  # time the first chunk here; spread the rest only when that pays for the processes
+        started = time.perf_counter()
+        parts.append(_chunk_totals(itertools.islice(todo, CHUNK)))
+        left = (time.perf_counter() - started) / max(n, 1) * (len(captions) - n)
+        workers = min(8, os.cpu_count() or 1) if left > SPAWN_WORTH_S else 0
+    parts.extend([_chunk_totals(todo)] if workers <= 1 else _parallel_totals(todo, workers, CHUNK))
     totals = dict.fromkeys(ATTRIBUTES, 0)
-    if workers <= 1:
-        parts: Iterable[dict[str, int]] = [_chunk_totals(pairs())]
-    else:
-        parts = _parallel_totals(pairs(), workers)
     for part in parts:
         for key, value in part.items():
             totals[key] += value
@@ -389,7 +397,7 @@ def alignment_score(images: Iterable | torch.Tensor, captions: Sequence[str], wo
     return {"alignment": per["all"], "per_attribute": per, "n": n}
 
 
-def _parallel_totals(pairs: Iterator, workers: int, chunk: int = 32) -> Iterator[dict[str, int]]:
+def _parallel_totals(pairs: Iterator, workers: int, chunk: int = CHUNK) -> Iterator[dict[str, int]]:
     """``_chunk_totals`` of successive chunks in ``workers`` spawned processes (spawn: safe beside CUDA and
     threads), with at most two chunks per worker in flight so that a long iterator is never held in memory."""
     context = multiprocessing.get_context("spawn")
