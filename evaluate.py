@@ -90,6 +90,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     rank, world = init_distributed(device)
     out_dir = Path(broadcast_object(str(cfg.out_dir)))  # rank 0's folder for every rank (its clock names it)
     name = resolve_extractor(str(cfg.extractor), cfg.inception_weights)  # auto: inception if its file is found
+    with open_dict(cfg):
+        cfg.extractor = name  # what was measured: the config hash and results name it, never "auto"
     extractor = build_extractor(name, cfg.inception_weights if name == "inception" else cfg.vgg16_weights).to(device)
     if task != "fid" and cfg.resolution is None:  # the checkpoint's training resolution
         with open_dict(cfg):

@@ -125,13 +125,14 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
 
 
 def one_spelling(cfg: DictConfig) -> None:
-    """Write each stage-2 pretrained source into both of its keys, so the stored run config reads the same
-    whichever spelling the command used."""
+    """Keep each stage-2 pretrained source under its main key only (the older spelling set to null), so the stored
+    run config reads the same whichever spelling the command used, and a later override of the main key alone
+    does not meet a stale copy."""
     with open_dict(cfg):
         for key, older in (AUTOENCODER_KEYS, UNET_KEYS):
             source, _ = pretrained_source(cfg, key, older)
             OmegaConf.update(cfg, key, source)
-            OmegaConf.update(cfg, older, source)
+            OmegaConf.update(cfg, older, None)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -211,7 +212,11 @@ def build_ldm_stage(cfg: DictConfig, config: dict):
         log.warning(problem)
     data = instantiate(cfg.latent_data, path=str(cache_dir))
     latent_shape = tuple(manifest["latent_shape"])
-    side = int(cfg.resolution) // autoencoder.downsample_factor  # what this run's images encode to
+    f = autoencoder.downsample_factor
+    if int(cfg.resolution) % f:
+        raise ValueError(f"resolution={cfg.resolution} is not divisible by the autoencoder's downsampling factor {f}; "
+                         f"use a multiple of {f} (e.g. {int(cfg.resolution) // f * f})")
+    side = int(cfg.resolution) // f  # what this run's images encode to
     check_cache_compatible(manifest, identity, latent_shape=(autoencoder.latent_channels, side, side), stats=stats,
                            text_encoder=text_encoder)
     spec = architecture(OmegaConf.to_container(cfg.unet, resolve=True))

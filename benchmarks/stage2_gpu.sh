@@ -72,7 +72,7 @@ r = {"stage1_val": {k: rows("outputs/autoencoder/s1/csv/version_*/metrics.csv", 
      "stage2_perf": load("outputs/ldm/s2/perf.json"),
      "device": open("outputs/stage2_log/device.txt").read().strip(),
      "phase_seconds": open("outputs/stage2_log/times.txt").read().strip(),
-     "sample_ms (sampler, steps, wall ms of sample.py incl. load)": (open("outputs/stage2_log/sample_ms.txt").read().split() if os.path.exists("outputs/stage2_log/sample_ms.txt") else []),
+     "sample_ms (sampler, steps, wall ms of sample.py incl. load)": ([line.split() for line in open("outputs/stage2_log/sample_ms.txt").read().splitlines() if line.strip()] if os.path.exists("outputs/stage2_log/sample_ms.txt") else []),
      "sampling (sample.py timing.json: img/s of the sampling loop, peak GPU memory)":
          {s: load(f"outputs/samples/{s}/timing.json") for s in ("ddpm", "ddim", "dpmpp_2m")
           if os.path.exists(f"outputs/samples/{s}/timing.json")}}

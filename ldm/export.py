@@ -91,7 +91,7 @@ def pretrained_source(cfg: DictConfig, key: str, older: str) -> tuple[str | None
     (e.g. ``autoencoder_ckpt``), and the key that gave it; ``(None, key)`` when neither is set (null or ???).
     Both set to different values is a ValueError naming the two keys."""
     given = {k: str(v) for k in (key, older) if (v := OmegaConf.select(cfg, k, throw_on_missing=False)) is not None}
-    if len(set(given.values())) > 1:
+    if len({Path(v).expanduser().resolve() for v in given.values()}) > 1:
         raise ValueError(f"{key}={given[key]} and {older}={given[older]} name different sources: give only {key}= "
                          f"({older}= is its older spelling)")
     name = key if key in given or not given else older

@@ -94,7 +94,7 @@ def test_missing_stage1_checkpoint_is_named(tmp_path):
 @pytest.mark.parametrize("spelling", ["issue", "older"])
 def test_pretrained_sources_take_both_spellings(spelling, tmp_path):
     """`autoencoder.pretrained=` / `unet.pretrained=` (the main spelling) and `autoencoder_ckpt=` / `unet_pretrained=`
-    (the older one) compose, pass the checks and are stored under both keys; the U-Net spec still builds."""
+    (the older one) compose, pass the checks and are stored under the main key only; the U-Net spec still builds."""
     from ldm.checkpoint import architecture, instantiate
 
     (tmp_path / "ae.ckpt").touch()
@@ -106,8 +106,8 @@ def test_pretrained_sources_take_both_spellings(spelling, tmp_path):
     train.check_config(cfg)
     train.one_spelling(cfg)
     out = resolved(cfg)
-    assert out["autoencoder"]["pretrained"] == out["autoencoder_ckpt"] == f"{tmp_path}/ae.ckpt"
-    assert out["unet"]["pretrained"] == out["unet_pretrained"] == f"{tmp_path}/unet"
+    assert out["autoencoder"]["pretrained"] == f"{tmp_path}/ae.ckpt" and out["autoencoder_ckpt"] is None
+    assert out["unet"]["pretrained"] == f"{tmp_path}/unet" and out["unet_pretrained"] is None
     assert instantiate(architecture(out["unet"])).context_dim == out["text_encoder"]["context_dim"]
 
 
@@ -117,6 +117,8 @@ def test_two_spellings_of_one_source_must_agree(tmp_path):
     a, b = f"{tmp_path}/a.ckpt", f"{tmp_path}/b.ckpt"
     train.check_config(compose_train(["stage=ldm", f"autoencoder.pretrained={a}", f"autoencoder_ckpt={a}"],
                                      output_dir=tmp_path))  # the same path twice is fine
+    train.check_config(compose_train(["stage=ldm", f"autoencoder.pretrained={a}",
+                                      f"autoencoder_ckpt={tmp_path}/./a.ckpt"], output_dir=tmp_path))  # spelt otherwise
     cfg = compose_train(["stage=ldm", f"autoencoder.pretrained={a}", f"autoencoder_ckpt={b}",
                          f"unet.pretrained={tmp_path}/unet", f"unet_pretrained={a}"], output_dir=tmp_path)
     with pytest.raises(ValueError) as err:

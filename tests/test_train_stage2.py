@@ -133,6 +133,10 @@ def test_stage2_refuses_a_cache_made_at_another_resolution(stage2_run, stage1_ck
                         output_dir=tmp_path)
     with pytest.raises(ValueError, match=r"latent shape: cache \[4, 8, 8\] \(images of 32 px\) vs configured \[4, 16, 16\]"):
         train.train(cfg)
+    cfg = compose_train(TINY_LDM + ["resolution=34", f"autoencoder_ckpt={stage1_ckpt}", f"cache_dir={run_dir}/cache"],
+                        output_dir=tmp_path / "odd")
+    with pytest.raises(ValueError, match="resolution=34 is not divisible by the autoencoder's downsampling factor 4"):
+        train.train(cfg)  # 34 // 4 would pass as 8x8 latents of the 32 px cache
 
 
 def test_stage2_resume_continues_the_step_count(stage2_run, stage1_ckpt, tmp_path):
@@ -165,9 +169,12 @@ def test_quickstart_chain_stage1_cache_stage2_sample(tmp_path):
     train.train(compose_train(TINY_RUN + ["trainer.max_steps=3"], output_dir=s1_dir))
     s1_ckpt = s1_dir / "checkpoints" / "last.ckpt"
     s1 = load_checkpoint(s1_ckpt)
-    train.train(compose_train(TINY_LDM + [f"autoencoder_ckpt={s1_ckpt}", f"cache_dir={s2_dir}/cache",
+    # README's spelling, and the default cache folder (under paths.latent_cache_root)
+    train.train(compose_train(TINY_LDM + [f"autoencoder.pretrained={s1_ckpt}", f"paths.latent_cache_root={tmp_path}/caches",
                                           "trainer.max_steps=4"], output_dir=s2_dir))
-    manifest = json.loads((s2_dir / "cache" / "manifest.json").read_text())
+    (cache,) = (tmp_path / "caches").iterdir()
+    assert cache.name.startswith("shapes-32px-")  # <dataset>-<res>px-<autoencoder sha>-<data sha>
+    manifest = json.loads((cache / "manifest.json").read_text())
     model, _ = build_autoencoder(s1_ckpt)
     assert manifest["autoencoder"]["identity"] == autoencoder_identity(model)
     assert manifest["latent_stats"]["scale"] == s1["ldm"]["latent_stats"]["scale"]
