@@ -5,7 +5,7 @@ the CompVis single-file layout.
     python -m ldm.export ckpt=... format=safetensors out=exports/my-ldm.safetensors weights=ema dtype=float16
     python -m ldm.export ckpt=... format=compvis out=exports/my-ldm.ckpt
 
-Python API (any source ``ldm.interop.sources`` reads: our checkpoints and exports, CompVis/SD single files,
+Python API (any source ``ldm.checkpoint`` reads: our checkpoints and exports, CompVis/SD single files,
 standalone CompVis autoencoders, diffusers model or pipeline folders):
 
     load_autoencoder(source, preset=None)  -> AutoencoderKL          (eval mode, weights loaded)
@@ -34,15 +34,24 @@ from torch import Tensor, nn
 
 from ldm.atomic import atomic_write, atomic_write_text
 from ldm.checkpoint import (
+    COMPVIS_AE,
+    COMPVIS_COND,
+    COMPVIS_UNET,
+    EXPORT_FORMAT,
+    EXPORT_KEY,
+    EXPORT_META,
     architecture,
     atomic_torch_save,
-    build_autoencoder,
-    build_latent_diffusion,
-    build_unet,
+    check_spec,
+    check_stored_config,
+    instantiate,
+    load_latent_diffusion,  # noqa: F401  (re-exported: sample.py and users import it from here)
+    read_checkpoint,
     submodule_state,
 )
+from ldm.checkpoint import load_autoencoder as _load_autoencoder
+from ldm.checkpoint import load_unet as _load_unet
 from ldm.diffusion.schedules import make_betas
-from ldm.generate import LatentDiffusion
 from ldm.interop.configs import (
     DIFFUSERS_VERSION,
     attention_levels,
@@ -50,15 +59,6 @@ from ldm.interop.configs import (
     vae_diffusers_config,
 )
 from ldm.interop.keymaps import unet_to_diffusers, vae_to_diffusers
-from ldm.interop.sources import (
-    COMPVIS_AE,
-    COMPVIS_COND,
-    COMPVIS_UNET,
-    EXPORT_FORMAT,
-    EXPORT_KEY,
-    EXPORT_META,
-    read_checkpoint,
-)
 
 log = logging.getLogger("ldm.export")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -83,6 +83,7 @@ def preset_spec(group: str, preset: str | os.PathLike | dict | None) -> dict[str
     spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     if not isinstance(spec, dict) or "_target_" not in spec:
         raise ValueError(f"{path} is not an architecture preset (a mapping with _target_)")
+    check_spec(spec, key=group, origin=str(path))  # builds only ldm's registered classes, like a checkpoint
     return spec
 
 
@@ -99,44 +100,19 @@ def pretrained_source(cfg: DictConfig, key: str, older: str) -> tuple[str | None
 
 
 def read_any(source: str | os.PathLike, autoencoder_preset: Any = None, unet_preset: Any = None) -> dict[str, Any]:
-    """``ldm.interop.sources.read_checkpoint`` with presets given by name, path or dict."""
+    """``ldm.checkpoint.read_checkpoint`` with presets given by name, path or dict."""
     return read_checkpoint(source, autoencoder_spec=preset_spec("autoencoder", autoencoder_preset),
                            unet_spec=preset_spec("unet", unet_preset))
 
 
 def load_autoencoder(source: str | os.PathLike, preset: Any = None) -> nn.Module:
     """Our ``AutoencoderKL`` with the weights of ``source`` (see the module docstring), in eval mode."""
-    return build_autoencoder(read_any(source, autoencoder_preset=preset), f"the autoencoder of {source}")[0]
+    return _load_autoencoder(source, spec=preset_spec("autoencoder", preset))
 
 
 def load_unet(source: str | os.PathLike, preset: Any = None, use_ema: bool = True) -> nn.Module:
     """Our ``UNetModel`` with the weights of ``source`` (EMA weights of our checkpoints when ``use_ema``)."""
-    return build_unet(read_any(source, unet_preset=preset), use_ema=use_ema, what=f"the U-Net of {source}")
-
-
-def load_latent_diffusion(source: str | os.PathLike, use_ema: bool = True) -> LatentDiffusion:
-    """Everything sampling needs from a stage-2 checkpoint of ours or any of its exports."""
-    ckpt = read_checkpoint(source)
-    if "source" in ckpt["ldm"]:  # a release of another tool: no condition encoder ldm can rebuild
-        raise ValueError(_not_a_model_of_ours(source, ckpt))
-    if ckpt["ldm"].get("stage") != "ldm":
-        raise ValueError(f"{source} is a {ckpt['ldm'].get('stage')!r} checkpoint; sampling needs a stage-2 checkpoint "
-                         "(train.py stage=ldm writes one) or one of its exports (python -m ldm.export)")
-    return build_latent_diffusion(ckpt, use_ema=use_ema)
-
-
-def _not_a_model_of_ours(source: str | os.PathLike, ckpt: dict[str, Any]) -> str:
-    """What a foreign release (SD single file, diffusers folder) holds, and how its parts can be used."""
-    parts = [(part, name) for part, name in (("autoencoder", "an autoencoder"), ("unet", "a U-Net"))
-             if any(k.startswith(part + ".") for k in ckpt["state_dict"])]
-    kind = {"diffusers": "a diffusers model or pipeline folder"}.get(ckpt["ldm"]["source"].get("format"),
-                                                                      "a CompVis / Stable Diffusion file")
-    holds = " and ".join(name for _, name in parts)
-    use = " ".join(f"{part}.pretrained={source}" for part, _ in parts)
-    return (f"{source} is {kind} that holds {holds} but no text encoder ldm can rebuild, so it cannot sample here: "
-            "sample.py needs a stage-2 checkpoint of ours (train.py stage=ldm) or its export (python -m ldm.export). "
-            f"Its weights can start a stage-2 run: python train.py stage=ldm {use}"
-            + (" unet=<its architecture, e.g. sd15>" if any(p == "unet" for p, _ in parts) else ""))
+    return _load_unet(source, spec=preset_spec("unet", preset), use_ema=use_ema)
 
 
 # ------------------------------------------------------------------------------------------------- export
@@ -262,10 +238,8 @@ def write_diffusers_unet(folder: Path, state: dict[str, Tensor], spec: dict[str,
 
 
 def _meta_module(spec: dict[str, Any]) -> nn.Module:
-    from ldm.checkpoint import instantiate
-
     with torch.device("meta"):  # the architecture only: no memory, no init
-        return instantiate(architecture(spec))
+        return instantiate(architecture(spec), key="config.unet")
 
 
 def _write_text_encoder(out: Path, meta: dict[str, Any]) -> tuple[list, list]:
@@ -276,10 +250,8 @@ def _write_text_encoder(out: Path, meta: dict[str, Any]) -> tuple[list, list]:
         log.info("text encoder %s is not a diffusers pipeline component: text_encoder/tokenizer left empty "
                  "(pass prompt_embeds, or your own)", spec.get("_target_"))
         return [None, None], [None, None]
-    from ldm.checkpoint import instantiate
-
     try:
-        encoder = instantiate(dict(spec))
+        encoder = instantiate(dict(spec), key="config.text_encoder")
     except (OSError, ValueError) as err:
         log.warning("could not load the text encoder %s to export it (%s): text_encoder/tokenizer left empty",
                     spec.get("name_or_path"), err)
@@ -372,6 +344,7 @@ def export(ckpt: str | os.PathLike, fmt: str, out: str | os.PathLike, weights: s
     state = _cast(state, dtype)
     meta = {k: v for k, v in source["ldm"].items() if k != "source"}
     meta.update(format=EXPORT_FORMAT, version=1, weights=taken, dtype=dtype, exported_from=Path(ckpt).name)
+    check_stored_config(meta, str(ckpt))  # an export carries only configs that build ldm's registered classes
     out = Path(out)
     if fmt == "safetensors":
         if out.suffix != ".safetensors":

@@ -1,2 +1,3 @@
 """Interoperability with the CompVis / Stable Diffusion releases and diffusers: parameter names (``keymaps``),
-architectures (``configs``) and readers of every supported source (``sources``). ``ldm.export`` is the entry point."""
+architectures (``configs``). Reading the files of every supported source is ``ldm.checkpoint``'s; ``ldm.export`` is the
+entry point."""

@@ -224,8 +224,10 @@ def inception_weights_path(path: str | os.PathLike | None = None) -> Path:
 
 
 def _load_inception(weights: str | os.PathLike | None) -> InceptionFeatures:
+    from ldm.checkpoint import load_torch_file  # the one safe torch.load (imported late: no import cycle)
+
     file = inception_weights_path(weights)
-    state = torch.load(file, map_location="cpu", weights_only=True)  # a plain state dict: no code to run
+    state = load_torch_file(file)  # a plain state dict: no code to run
     if not isinstance(state, dict):
         raise ValueError(f"{file}: expected a state dict (torch-fidelity's format), got {type(state).__name__}")
     model = InceptionFeatures()
@@ -252,12 +254,9 @@ def _load_vgg16(weights: str | os.PathLike | None) -> VGG16Features:
         file = Path(weights).expanduser()
         if not file.is_file():
             raise FileNotFoundError(f"VGG16 weights file {file} does not exist")
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        from ldm.checkpoint import load_safetensors, load_torch_file  # the safe readers of weight files
 
-            state = load_file(str(file))
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
+        state = load_safetensors(file)[0] if file.suffix == ".safetensors" else load_torch_file(file)
         source = str(file)
     wanted = model.state_dict()
     picked = {k: state[k].float() for k in wanted if k in state}

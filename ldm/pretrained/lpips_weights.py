@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -222,18 +221,20 @@ def _check_backbone(state: dict[str, Tensor], net: str, origin: str) -> dict[str
 
 
 def _load_torchvision(path: Path, net: str) -> dict[str, Tensor]:
+    from ldm.checkpoint import load_torch_file  # the one safe torch.load (imported late: no import cycle)
+
     try:  # mmap skips reading the 500 MB classifier; older (non-zip) files can't be mmapped
-        full = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        full = load_torch_file(path, mmap=True)
     except RuntimeError:
-        full = torch.load(path, map_location="cpu", weights_only=True)
+        full = load_torch_file(path)
     return _check_backbone({k: v.clone() for k, v in full.items() if k.startswith("features.")}, net, str(path))
 
 
 def _load_safetensors(path: Path, net: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from ldm.checkpoint import load_safetensors
+
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        state, meta = load_safetensors(path)
     except Exception as err:  # safetensors raises its own error type for damaged files
         raise ValueError(f"{path} is unreadable ({err}); delete it and run `python -m ldm.pretrained fetch`") from err
     return _check_backbone(state, net, str(path)), meta
@@ -283,6 +284,8 @@ def lpips_linear_state_dict(net: str) -> dict[str, Tensor]:
     path = Path(spec.origin).parent / "weights" / "v0.1" / f"{_LPIPS_PKG_NAMES[net]}.pth"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall the `lpips` package (`pip install lpips`)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from ldm.checkpoint import load_torch_file
+
+    state = load_torch_file(path)
     return {f"lins.{i}.weight": state[f"lin{i}.model.1.weight"].float() for i in range(5)}
 

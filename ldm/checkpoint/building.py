@@ -1,78 +1,35 @@
-"""Build models from our checkpoints: weights + the resolved config stored inside every checkpoint.
+"""Build models from a checkpoint: weights + the resolved config stored inside it.
 
 A checkpoint written by ``train.py`` is a Lightning checkpoint with an extra ``"ldm"`` entry:
 ``{"stage": "autoencoder" | "ldm", "config": <resolved config as plain dict>, "latent_stats": {...} | None}``.
-Everything (sample.py, evaluate.py, cache, export) rebuilds its models from that alone.
+Everything (sample.py, evaluate.py, cache, export) rebuilds its models from that alone, through the registry
+(``registry.instantiate``); ``read_checkpoint`` gives the same dict for our exports and foreign releases.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ldm.atomic import atomic_write_stream
+from ldm.checkpoint.files import atomic_torch_save
+from ldm.checkpoint.reading import load_checkpoint, read_checkpoint, submodule_state
+from ldm.checkpoint.registry import instantiate
 from ldm.generate import LatentDiffusion
 from ldm.models.latent_stats import latent_statistics
 
-# Only classes/functions from these packages may be named by a checkpoint's `_target_`.
-_ALLOWED_TARGET_ROOTS = ("ldm.", "torch.")
 # Keys of a stage-2 run's `unet` config that say where its weights start, not what to build (configs/stage/ldm.yaml:
 # `unet.pretrained`). Checkpoints written before the key existed lack it; later ones store it.
 _NOT_ARCHITECTURE = ("pretrained",)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside ``path`` then rename, so ``path`` is never half-written."""
-    atomic_write_stream(path, lambda f: torch.save(obj, f), fsync=True)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint without executing pickled code (``weights_only=True``) and check it is ours."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "ldm" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(
-            f"{path} is not an ldm training checkpoint (no 'ldm' entry with the run config); "
-            "pretrained Stable Diffusion / diffusers weights are imported with ldm.export instead"
-        )
-    return ckpt
-
-
-def instantiate(spec: dict[str, Any], **overrides: Any) -> Any:
-    """Build ``spec["_target_"](**spec)`` recursively, as Hydra would, without Hydra (library code)."""
-    if not isinstance(spec, dict) or "_target_" not in spec:
-        raise ValueError(f"expected a mapping with a '_target_' key, got {spec!r}")
-    target = spec["_target_"]
-    if not target.startswith(_ALLOWED_TARGET_ROOTS):
-        raise ValueError(f"refusing to build {target!r} from a checkpoint: only {_ALLOWED_TARGET_ROOTS} allowed")
-    module_name, _, attr = target.rpartition(".")
-    fn = getattr(importlib.import_module(module_name), attr)
-    kwargs = {}
-    for key, value in spec.items():
-        if key.startswith("_"):
-            continue
-        kwargs[key] = instantiate(value) if isinstance(value, dict) and "_target_" in value else value
-    kwargs.update(overrides)
-    return fn(**kwargs)
+Source = str | os.PathLike | dict[str, Any]
 
 
 def architecture(spec: dict[str, Any]) -> dict[str, Any]:
     """The ``_target_`` spec that builds a model: its config without the run settings (``pretrained``)."""
     return {k: v for k, v in spec.items() if k not in _NOT_ARCHITECTURE}
-
-
-def submodule_state(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Keys under ``prefix.`` with the prefix stripped."""
-    p = prefix + "."
-    return {k[len(p):]: v for k, v in state_dict.items() if k.startswith(p)}
 
 
 def strict_load(module: nn.Module, state: dict[str, Tensor], what: str) -> nn.Module:
@@ -92,39 +49,43 @@ def strict_load(module: nn.Module, state: dict[str, Tensor], what: str) -> nn.Mo
     return module
 
 
-def _source_name(ckpt: dict[str, Any]) -> str:
-    return ckpt["ldm"].get("source", {}).get("path", "this checkpoint")
+def _loaded(ckpt: Source) -> tuple[dict[str, Any], str]:
+    """The checkpoint dict and a name for it in messages (its path, else the source a reader recorded)."""
+    if isinstance(ckpt, dict):
+        source = ckpt.get("ldm", {}).get("source")
+        return ckpt, str(source.get("path")) if isinstance(source, dict) else "this checkpoint"
+    return load_checkpoint(ckpt), str(ckpt)
 
 
-def build_autoencoder(ckpt: str | os.PathLike | dict[str, Any],
-                      what: str = "the autoencoder") -> tuple[nn.Module, dict[str, Any] | None]:
+def build_autoencoder(ckpt: Source, what: str = "the autoencoder") -> tuple[nn.Module, dict[str, Any] | None]:
     """Autoencoder (eval mode) and its latent statistics from an ldm checkpoint (path or loaded; stage 1, or the
-    frozen one inside a stage-2 checkpoint) or a dict of ``ldm.interop.sources.read_checkpoint``."""
-    ckpt = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt)
+    frozen one inside a stage-2 checkpoint) or a dict of ``read_checkpoint``."""
+    ckpt, origin = _loaded(ckpt)
     meta, state = ckpt["ldm"], ckpt["state_dict"]
     stage1 = meta["stage"] == "autoencoder"
     spec = meta["config"].get("autoencoder") if stage1 else (meta.get("autoencoder") or {}).get("config")
     # EMA weights when the run kept them (they are what validation measured), else the raw weights
     weights = (stage1 and submodule_state(state, "autoencoder_ema")) or submodule_state(state, "autoencoder")
     if spec is None or not weights:
-        raise ValueError(f"{_source_name(ckpt)} holds no autoencoder")
-    return strict_load(instantiate(dict(spec)), weights, what).eval(), meta.get("latent_stats")
+        raise ValueError(f"{origin} holds no autoencoder")
+    key = "config.autoencoder" if stage1 else "autoencoder.config"
+    return strict_load(instantiate(spec, key=key, origin=origin), weights, what).eval(), meta.get("latent_stats")
 
 
-def build_unet(ckpt: str | os.PathLike | dict[str, Any], use_ema: bool = True, what: str = "the U-Net") -> nn.Module:
+def build_unet(ckpt: Source, use_ema: bool = True, what: str = "the U-Net") -> nn.Module:
     """The U-Net (eval mode) of a checkpoint (its EMA weights when stored and ``use_ema``)."""
-    ckpt = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt)
+    ckpt, origin = _loaded(ckpt)
     spec, state = ckpt["ldm"]["config"].get("unet"), ckpt["state_dict"]
     weights = (use_ema and submodule_state(state, "unet_ema")) or submodule_state(state, "unet")
     if spec is None and weights:  # a CompVis file read without a preset
         from ldm.interop.configs import infer_unet_kwargs
 
-        raise ValueError(f"{_source_name(ckpt)}: a CompVis U-Net file does not record its attention heads. Name the "
+        raise ValueError(f"{origin}: a CompVis U-Net file does not record its attention heads. Name the "
                          "architecture with a preset, e.g. sd15 (Stable Diffusion 1.x: 8 heads) or ldm_kl8_txt2img "
                          f"(unet_pretrained takes the configured unet=...); the weights imply {infer_unet_kwargs(weights)}")
     if spec is None or not weights:
-        raise ValueError(f"{_source_name(ckpt)} holds no U-Net")
-    return strict_load(instantiate(architecture(spec)), weights, what).eval()
+        raise ValueError(f"{origin} holds no U-Net")
+    return strict_load(instantiate(architecture(spec), key="config.unet", origin=origin), weights, what).eval()
 
 
 def add_latent_stats(
@@ -142,19 +103,18 @@ def add_latent_stats(
     return stats
 
 
-def build_latent_diffusion(ckpt: str | os.PathLike | dict[str, Any], use_ema: bool = True) -> LatentDiffusion:
+def build_latent_diffusion(ckpt: Source, use_ema: bool = True) -> LatentDiffusion:
     """Everything ``generate`` needs (U-Net, condition encoder, autoencoder, schedule, latent statistics) from a
     stage-2 checkpoint alone, in eval mode on the CPU. ``use_ema``: the U-Net's EMA weights when stored."""
-    source = ckpt if isinstance(ckpt, dict) else str(ckpt)
-    ckpt = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt)
+    ckpt, origin = _loaded(ckpt)
     meta, state = ckpt["ldm"], ckpt["state_dict"]
     if meta["stage"] != "ldm":
-        raise ValueError(f"{source if isinstance(source, str) else 'this checkpoint'} is a {meta['stage']!r} "
-                         "checkpoint; sampling needs a stage-2 checkpoint (train.py stage=ldm writes one)")
+        raise ValueError(f"{origin} is a {meta['stage']!r} checkpoint; sampling needs a stage-2 checkpoint "
+                         "(train.py stage=ldm writes one)")
     config = meta["config"]
     unet = build_unet(ckpt, use_ema=use_ema)
 
-    text_encoder = instantiate(config["text_encoder"])
+    text_encoder = instantiate(config["text_encoder"], key="config.text_encoder", origin=origin)
     text_state = submodule_state(state, "text_encoder")
     if text_state:  # trained with the U-Net
         strict_load(text_encoder, text_state, "the text encoder")
@@ -167,9 +127,47 @@ def build_latent_diffusion(ckpt: str | os.PathLike | dict[str, Any], use_ema: bo
                          "written by another tool or edited. Re-export it from the training run's last.ckpt")
     autoencoder, _ = build_autoencoder(ckpt)
 
-    loss = instantiate(config["loss"])
+    loss = instantiate(config["loss"], key="config.loss", origin=origin)
     return LatentDiffusion(
         unet=unet.eval(), text_encoder=text_encoder.eval(), autoencoder=autoencoder.eval(),
         alphas_cumprod=loss.alphas_cumprod.clone(), objective=loss.objective, latent_stats=meta["latent_stats"],
         latent_norm=meta["latent_norm"], latent_shape=tuple(meta["latent_shape"]),
     )
+
+
+# ------------------------------------------------------------------------------ any source -> a model
+
+def load_autoencoder(source: str | os.PathLike, spec: dict[str, Any] | None = None) -> nn.Module:
+    """Our ``AutoencoderKL`` (eval mode) with the weights of any source ``read_checkpoint`` reads; ``spec``: the
+    architecture of a CompVis file (a ``_target_`` dict; ``ldm.export.load_autoencoder`` takes preset names)."""
+    return build_autoencoder(read_checkpoint(source, autoencoder_spec=spec), f"the autoencoder of {source}")[0]
+
+
+def load_unet(source: str | os.PathLike, spec: dict[str, Any] | None = None, use_ema: bool = True) -> nn.Module:
+    """Our ``UNetModel`` with the weights of ``source`` (EMA weights of our checkpoints when ``use_ema``)."""
+    return build_unet(read_checkpoint(source, unet_spec=spec), use_ema=use_ema, what=f"the U-Net of {source}")
+
+
+def load_latent_diffusion(source: str | os.PathLike, use_ema: bool = True) -> LatentDiffusion:
+    """Everything sampling needs from a stage-2 checkpoint of ours or any of its exports."""
+    ckpt = read_checkpoint(source)
+    if "source" in ckpt["ldm"]:  # a release of another tool: no condition encoder ldm can rebuild
+        raise ValueError(_not_a_model_of_ours(source, ckpt))
+    if ckpt["ldm"].get("stage") != "ldm":
+        raise ValueError(f"{source} is a {ckpt['ldm'].get('stage')!r} checkpoint; sampling needs a stage-2 checkpoint "
+                         "(train.py stage=ldm writes one) or one of its exports (python -m ldm.export)")
+    return build_latent_diffusion(ckpt, use_ema=use_ema)
+
+
+def _not_a_model_of_ours(source: str | os.PathLike, ckpt: dict[str, Any]) -> str:
+    """What a foreign release (SD single file, diffusers folder) holds, and how its parts can be used."""
+    parts = [(part, name) for part, name in (("autoencoder", "an autoencoder"), ("unet", "a U-Net"))
+             if any(k.startswith(part + ".") for k in ckpt["state_dict"])]
+    kind = {"diffusers": "a diffusers model or pipeline folder"}.get(ckpt["ldm"]["source"].get("format"),
+                                                                      "a CompVis / Stable Diffusion file")
+    holds = " and ".join(name for _, name in parts)
+    use = " ".join(f"{part}.pretrained={source}" for part, _ in parts)
+    return (f"{source} is {kind} that holds {holds} but no text encoder ldm can rebuild, so it cannot sample here: "
+            "sample.py needs a stage-2 checkpoint of ours (train.py stage=ldm) or its export (python -m ldm.export). "
+            f"Its weights can start a stage-2 run: python train.py stage=ldm {use}"
+            + (" unet=<its architecture, e.g. sd15>" if any(p == "unet" for p, _ in parts) else ""))
