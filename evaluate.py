@@ -23,11 +23,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.checkpoint import build_autoencoder, build_latent_diffusion
+from ldm.data.common import check_resolution
 from ldm.data.datamodules import canonical_dataset
 from ldm.data.shapes import ShapesDataset
 from ldm.distributed import broadcast_object, init_distributed, resolve_device
 from ldm.evaluation import evaluate_generation, evaluate_image_sets, evaluate_reconstruction
+from ldm.evaluation.imagesets import probe_image_set
 from ldm.export import read_any
+from ldm.generate import resolve_sampling
 from ldm.losses.lpips import build_lpips
 from ldm.metrics.features import build_extractor, resolve_extractor
 from ldm.metrics.report import (
@@ -45,7 +48,11 @@ _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_task(cfg: DictConfig) -> tuple[str, dict[str, Any] | None]:
-    """The task and the loaded checkpoint (None for task=fid); wrong combinations stop before any work."""
+    """The task and the loaded checkpoint (None for task=fid); wrong settings and combinations stop before any
+    checkpoint, image set or feature extractor is loaded."""
+    if cfg.resolution is not None:
+        check_resolution(cfg.resolution)
+    resolve_sampling(cfg.steps, cfg.cfg_scale, cfg.sampler.steps, cfg.sampler.cfg_scale)
     if cfg.task not in ("auto", "recon", "generation", "fid"):
         raise ValueError(f"task={cfg.task!r}: use auto (from the checkpoint), recon, generation or fid")
     if cfg.compare is not None and cfg.compare not in PAPER_TABLES:
@@ -53,6 +60,9 @@ def pick_task(cfg: DictConfig) -> tuple[str, dict[str, Any] | None]:
     if cfg.task == "fid":
         if cfg.real is None or cfg.fake is None:
             raise ValueError("task=fid compares two image sets: pass real=<folder|shards> fake=<folder|shards>")
+        for name, path in (("real", cfg.real), ("fake", cfg.fake)):
+            if not (name == "real" and str(path).endswith(".npz")):
+                probe_image_set(str(path), name)  # a set without one readable image is named here
         return "fid", None
     if cfg.ckpt is None:
         raise ValueError("pass ckpt=<checkpoint written by train.py> (stage 1 or 2), or task=fid real=... fake=...")
@@ -86,6 +96,10 @@ def latent_geometry(autoencoder) -> dict[str, int]:
 def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     """Run the evaluation ``cfg`` describes; returns the results dict on rank 0 (None on other ranks)."""
     task, ckpt = pick_task(cfg)
+    if task == "recon":  # the images go through the autoencoder: their side must divide by its factor
+        autoencoder, _ = build_autoencoder(ckpt)  # the EMA weights when the run kept them, else the raw ones
+        if cfg.resolution is not None:
+            check_resolution(cfg.resolution, factor=autoencoder.downsample_factor)
     device = resolve_device(str(cfg.device))
     rank, world = init_distributed(device)
     out_dir = Path(broadcast_object(str(cfg.out_dir)))  # rank 0's folder for every rank (its clock names it)
@@ -104,13 +118,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     sampler = None
     if task == "fid":
         results = evaluate_image_sets(cfg.real, cfg.fake, extractor, resolution=cfg.resolution,
-                                      limit=cfg.n_samples, seed=int(cfg.seed), **common)
+                                      limit=cfg.n_samples, seed=int(cfg.seed),
+                                      max_bad_fraction=float(cfg.max_bad_fraction), **common)
     else:
         dataset = canonical_dataset(instantiate(cfg.data), str(cfg.split))
         name = type(dataset).__name__.removesuffix("Dataset")
         data = {"name": name, "split": cfg.split, "resolution": cfg.resolution, "description": repr(dataset)}
     if task == "recon":
-        autoencoder, _ = build_autoencoder(ckpt)  # the EMA weights when the run kept them, else the raw ones
         results = evaluate_reconstruction(
             autoencoder, dataset, extractor=extractor, lpips=build_lpips(cfg.lpips_net) if cfg.lpips_net else None,
             n_images=cfg.n_samples, autocast_dtype=amp, grid_path=out_dir / "reconstructions.png", **common)
@@ -118,8 +132,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
                        weights="ema" if any(k.startswith("autoencoder_ema.") for k in ckpt["state_dict"]) else "raw")
     elif task == "generation":
         model = build_latent_diffusion(ckpt, use_ema=bool(cfg.use_ema)).to(device)
-        sampler = {"name": cfg.sampler.name, "steps": int(cfg.steps or cfg.sampler.steps),
-                   "cfg_scale": float(cfg.cfg_scale if cfg.cfg_scale is not None else cfg.sampler.cfg_scale),
+        steps, cfg_scale = resolve_sampling(cfg.steps, cfg.cfg_scale, cfg.sampler.steps, cfg.sampler.cfg_scale)
+        sampler = {"name": cfg.sampler.name, "steps": steps, "cfg_scale": cfg_scale,
                    **OmegaConf.to_container(cfg.sampler.options)}
         n = cfg.n_samples
         if n is None:

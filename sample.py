@@ -24,7 +24,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from ldm.export import load_latent_diffusion
-from ldm.generate import generate
+from ldm.generate import generate, resolve_sampling
 
 log = logging.getLogger("ldm.sample")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,13 +60,13 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
 
 def sample(cfg: DictConfig) -> Path:
     prompts = read_prompts(cfg)
-    device = pick_device(str(cfg.device))
-    model = load_latent_diffusion(cfg.ckpt, use_ema=cfg.use_ema).to(device)
-    steps = int(cfg.steps if cfg.steps is not None else cfg.sampler.steps)
-    cfg_scale = float(cfg.cfg_scale if cfg.cfg_scale is not None else cfg.sampler.cfg_scale)
+    # settings first: a typo must not wait for the checkpoint to load (keys named as the user set them)
+    steps, cfg_scale = resolve_sampling(cfg.steps, cfg.cfg_scale, cfg.sampler.steps, cfg.sampler.cfg_scale)
     n = int(cfg.n)
     if n < 1:
         raise ValueError(f"n={n}: images per prompt must be >= 1")
+    device = pick_device(str(cfg.device))
+    model = load_latent_diffusion(cfg.ckpt, use_ema=cfg.use_ema).to(device)
     out_dir = Path(cfg.out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     log.info("%d prompts x %d images, %s %d steps, cfg %.2f, seed %d, on %s -> %s", len(prompts), n,

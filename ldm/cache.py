@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import ldm
 from ldm.checkpoint import build_autoencoder
+from ldm.data.common import check_resolution
 from ldm.data.datamodules import canonical_dataset
 from ldm.data.latent_format import CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, autoencoder_identity
 from ldm.data.latent_writer import (
@@ -367,10 +368,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                          "<run>/checkpoints/last.ckpt, or a pretrained autoencoder> (older spelling: ckpt=)")
     if not Path(source).exists():
         raise FileNotFoundError(f"{key}={source} does not exist")
+    if cfg.resolution is not None:
+        check_resolution(cfg.resolution)  # before reading the checkpoint
     ckpt = read_stage1_checkpoint(source, preset=cfg.autoencoder_preset)
     if cfg.resolution is None:  # the autoencoder's training resolution, unless the user sets one
         with open_dict(cfg):
             cfg.resolution = int(ckpt["ldm"]["config"]["resolution"])
+    check_resolution(int(cfg.resolution),
+                     factor=2 ** (len(ckpt["ldm"]["config"]["autoencoder"].get("ch_mult", [1])) - 1))
     data = hydra.utils.instantiate(cfg.data)
     ckpt = with_latent_stats(ckpt, data, int(cfg.latent_stats_images), resolve_device(cfg.device), int(cfg.seed),
                              cfg.autoencoder_latent_scale)

@@ -6,6 +6,7 @@ Shared by ``sample.py``, the training-time sample grids and ``evaluate.py``; pla
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from ldm.data.latents import denormalize_latents
 from ldm.diffusion.guidance import cfg_denoiser
 from ldm.diffusion.samplers import SAMPLERS
+from ldm.models.text_encoders import no_labels_error
 
 
 @dataclass
@@ -46,6 +48,37 @@ class LatentDiffusion:
         for m in (self.unet, self.text_encoder, self.autoencoder):
             m.to(device)
         return self
+
+
+def check_sampling(steps: Any, cfg_scale: Any, num_timesteps: int | None = None, steps_key: str = "steps",
+                   scale_key: str = "cfg_scale") -> tuple[int, float]:
+    """``(steps, cfg_scale)`` as the samplers take them, or a ValueError naming the setting and its range.
+
+    ``steps``: a whole number of denoiser calls in [1, num_timesteps]. ``cfg_scale``: finite and >= 0, where
+    0 samples unconditionally, 1 conditionally without guidance and > 1 with classifier-free guidance
+    (``ldm.diffusion.guidance.cfg_denoiser``); a negative scale pushes samples away from their prompt. Entry
+    points call this before loading a checkpoint, with the config keys the values came from.
+    """
+    whole = isinstance(steps, (int, float)) and not isinstance(steps, bool) and float(steps).is_integer()
+    top = f" and at most the {num_timesteps} training timesteps" if num_timesteps is not None else ""
+    if not whole or steps < 1 or (num_timesteps is not None and steps > num_timesteps):
+        raise ValueError(f"{steps_key}={steps!r}: the number of sampler steps must be a whole number >= 1{top} "
+                         f"(e.g. {steps_key}=50 for ddim, 25 for dpmpp_2m)")
+    scale_ok = isinstance(cfg_scale, (int, float)) and not isinstance(cfg_scale, bool)
+    if not scale_ok or not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise ValueError(f"{scale_key}={cfg_scale!r}: the classifier-free guidance scale must be a finite number "
+                         ">= 0 (0 = unconditional, 1 = conditional without guidance, > 1 = guided; the paper uses "
+                         "1.5, Stable Diffusion 7.5)")
+    return int(steps), float(cfg_scale)
+
+
+def resolve_sampling(steps: Any, cfg_scale: Any, sampler_steps: Any, sampler_cfg_scale: Any) -> tuple[int, float]:
+    """An entry point's ``steps`` / ``cfg_scale`` (None = the sampler config's ``sampler.steps`` /
+    ``sampler.cfg_scale``), checked by ``check_sampling`` under the key each value came from."""
+    return check_sampling(steps if steps is not None else sampler_steps,
+                          cfg_scale if cfg_scale is not None else sampler_cfg_scale,
+                          steps_key="steps" if steps is not None else "sampler.steps",
+                          scale_key="cfg_scale" if cfg_scale is not None else "sampler.cfg_scale")
 
 
 def condition_inputs(text_encoder: nn.Module, prompts: Sequence[Any], device: torch.device) -> Any:
@@ -81,7 +114,14 @@ def training_condition(text_encoder: nn.Module, batch: dict[str, Any], keep: Ten
         cond = {k: pad_tokens(v, length) for k, v in cond.items()}
         null = {k: pad_tokens(v, length).to(cond[k].dtype).expand(n, *cond[k].shape[1:]) for k, v in null.items()}
         return {k: torch.where(keep.view(n, *([1] * (cond[k].dim() - 1))), cond[k], null[k]) for k in cond}
-    inputs = batch[getattr(text_encoder, "input_key", "caption")]
+    key = getattr(text_encoder, "input_key", "caption")
+    if key not in batch:
+        fields = [k for k in batch if k not in ("mean", "logvar", "image", "n_bad")]
+        if key == "label":
+            raise no_labels_error(fields)
+        raise ValueError(f"the condition encoder {type(text_encoder).__name__} reads the batch field {key!r}, but "
+                         f"the data has no such field (its samples have {sorted(fields)})")
+    inputs = batch[key]
     null_inputs = text_encoder.null_inputs(n)
     if isinstance(inputs, Tensor):
         inputs = torch.where(keep, inputs, null_inputs.to(inputs.device))
@@ -115,6 +155,7 @@ def generate(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    steps, cfg_scale = check_sampling(steps, cfg_scale, num_timesteps=len(model.alphas_cumprod))
     device = next(model.unet.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):

@@ -44,9 +44,17 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
     return value
 
 
-def check_resolution(resolution: int, low: int = 8, high: int = 4096) -> int:
+def check_resolution(resolution: int, low: int = 8, high: int = 4096, factor: int | None = None,
+                     key: str = "resolution") -> int:
+    """``resolution`` (the image side in pixels) if it is an int in [low, high] and, when ``factor`` (an
+    autoencoder's downsampling factor) is given, a multiple of it; else a ValueError naming ``key``."""
     if not isinstance(resolution, int) or isinstance(resolution, bool) or not low <= resolution <= high:
-        raise ValueError(f"resolution must be an int in [{low}, {high}], got {resolution!r}")
+        raise ValueError(f"{key}={resolution!r}: the image side must be a whole number of pixels in [{low}, {high}] "
+                         f"(e.g. {key}=64)")
+    if factor is not None and resolution % factor:
+        lower = max(factor, resolution // factor * factor)
+        raise ValueError(f"{key}={resolution} is not a multiple of the autoencoder's downsampling factor {factor}; "
+                         f"use e.g. {key}={lower} or {key}={lower + factor}")
     return resolution
 
 
@@ -181,8 +189,10 @@ class BadDataCounter:
     """
 
     def __init__(self, source: str, max_bad_fraction: float = 0.05, min_attempts: int = 20,
-                 setting: str = "max_bad_fraction", max_listed: int = 20) -> None:
+                 setting: str = "max_bad_fraction", max_listed: int = 20, fix: str | None = None) -> None:
         self.source = source
+        # how to raise the limit where this dataset is built by something other than a data config
+        self.fix = fix or f"raise the dataset argument {setting} (e.g. data.dataset.{setting}=0.2)"
         self.max_bad_fraction = check_fraction("max_bad_fraction", max_bad_fraction, allow_one=True)
         self.min_attempts = min_attempts
         self.setting = setting
@@ -215,8 +225,7 @@ class BadDataCounter:
         listed = "\n".join(f"  {name}: {why}" for name, why in self.bad_items.items())
         raise RuntimeError(
             f"{self.source}: {headline}.\nFirst bad items (up to {self.max_listed}):\n{listed}\n"
-            f"Fix or remove these files, or raise the dataset argument {self.setting} "
-            f"(e.g. data.dataset.{self.setting}=0.2) to tolerate more bad data."
+            f"Fix or remove these files, or {self.fix} to tolerate more bad data."
         )
 
     def __repr__(self) -> str:

@@ -24,6 +24,7 @@ from ldm.data.common import (
     article,
     check_choice,
     check_fraction,
+    check_resolution,
     make_sample,
     open_image,
     unit_hash,
@@ -116,6 +117,7 @@ class EmojiDataset(Dataset):
     def __init__(self, root: str | os.PathLike | None = None, split: str = "train", resolution: int = 64,
                  vendor: str = "twitter", val_fraction: float = 0.05, flip: bool = False,
                  include_skin_tones: bool = False, max_bad_fraction: float = 0.05) -> None:
+        check_resolution(resolution)  # before looking for the package: a typo'd setting is named first
         self.vendor = check_choice("vendor", vendor, VENDORS)
         self.split = check_choice("split", split, SPLITS)
         self.val_fraction = check_fraction("val_fraction", val_fraction)

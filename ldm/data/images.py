@@ -150,6 +150,8 @@ class ImageFolderDataset(Dataset):
             log.info("%s: %d of %d images have no caption (using '')", self.root, self.n_missing_captions,
                      len(self.files))
         self.bad = BadDataCounter(f"ImageFolderDataset({str(self.root)!r})", max_bad_fraction)
+        self._known_bad: dict[str, str] = {}  # file -> why it failed (in this process; not decoded again)
+        self._counted_ahead: set[str] = set()  # bad files a walk counted before their own index was read
 
     def __len__(self) -> int:
         return len(self.files)
@@ -160,17 +162,26 @@ class ImageFolderDataset(Dataset):
             index += n
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for ImageFolderDataset of length {n}")
-        # Walk forward from `index` until an image decodes; each failure counts toward max_bad_fraction.
+        # Walk forward from `index` until an image decodes; each failure counts toward max_bad_fraction, once per
+        # pass in index order: a bad file that a walk from a bad neighbour counted is not counted again when its
+        # own index is read next (two adjacent bad files are 2 in n_bad, not 3).
         for step in range(n):
             name = self.files[(index + step) % n]
-            try:
-                img = open_image(str(self.root / name), self.transform.resolution)
-                image = self.transform(img)
-            except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-                self.bad.failed(name, exc)
-                continue
-            n_bad = self.bad.ok()
-            return make_sample(image, self._captions.get(name, ""), self._attributes.get(name), name, n_bad)
+            error = self._known_bad.get(name)
+            if error is None:
+                try:
+                    image = self.transform(open_image(str(self.root / name), self.transform.resolution))
+                except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+                    error = self._known_bad[name] = f"{type(exc).__name__}: {exc}"
+                else:
+                    n_bad = self.bad.ok()
+                    return make_sample(image, self._captions.get(name, ""), self._attributes.get(name), name, n_bad)
+            if step == 0 and name in self._counted_ahead:
+                self._counted_ahead.discard(name)
+            elif step == 0 or name not in self._counted_ahead:
+                if step:
+                    self._counted_ahead.add(name)
+                self.bad.failed(name, error)
         self.bad.raise_error(f"all {n} images of the {self.split!r} split failed to load")
         raise AssertionError("unreachable")
 

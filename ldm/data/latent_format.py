@@ -121,6 +121,30 @@ def split_info(manifest: Mapping[str, Any], split: str) -> dict[str, Any]:
     return splits[split]
 
 
+def check_shard_files(root: str | Path, shards: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse a split whose shard files are missing or differ in size from what the manifest recorded (a copy or
+    sync cut short: tarfile would read such a shard as a shorter one, and training would lose its tail silently).
+
+    ``shards``: the split's ``[{"name", "num_samples", "bytes"}]`` (:func:`split_info`). Costs one ``stat`` per
+    shard; a cut shard is also walked (``ldm.data.tarcheck``) to say how many of its samples survive.
+    """
+    from ldm.data.tarcheck import scan_tar
+
+    problems = []
+    for shard in shards:
+        path = Path(root) / shard["name"]
+        if not path.is_file():
+            problems.append(f"{path}: missing ({shard['num_samples']} samples)")
+        elif "bytes" in shard and path.stat().st_size != int(shard["bytes"]):
+            scan = scan_tar(path)
+            problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {shard['bytes']}; "
+                            f"{scan.describe(expected=int(shard['num_samples']))}")
+    if problems:
+        raise ValueError(f"the latent cache {root} is damaged:\n  - " + "\n  - ".join(problems[:20])
+                         + "\nCopy it again from where it was made, or rebuild it (python -m ldm.cache ... "
+                           "overwrite=true).")
+
+
 # --------------------------------------------------------------------------------------- sample codec
 
 def encode_array(array: np.ndarray) -> bytes:

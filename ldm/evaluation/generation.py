@@ -50,6 +50,7 @@ from ldm.evaluation.imagesets import (
 from ldm.generate import LatentDiffusion, generate
 from ldm.metrics.alignment import alignment_score
 from ldm.metrics.fid import FeatureStats, cached_reference_stats
+from ldm.models.text_encoders import no_labels_error
 
 log = logging.getLogger("ldm.evaluate")
 SETTINGS_NAME = "generation.json"
@@ -92,7 +93,7 @@ def read_prompts(dataset: Dataset, n: int, field: str = "caption", batch_size: i
             return str(caption)
         label = json.loads(attributes or "{}").get("label")
         if label is None:
-            raise ValueError(f"a sample of {dataset!r} has no label in its attributes for a class-conditional model")
+            raise ValueError(f"evaluating {dataset!r}: {no_labels_error()}")
         return int(label)
 
     rows: dict[str, list] = {"index": [], "key": [], "prompt": [], "n_bad": []}

@@ -19,12 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
-from ldm.data.common import IMAGE_EXTENSIONS
+from ldm.data.common import IMAGE_EXTENSIONS, check_resolution, open_image
 from ldm.data.images import ImageFolderDataset
 from ldm.data.shards import IMAGE_KEYS, WebDatasetImages, expand_shard_urls
 from ldm.distributed import gather_rows, rank_world
@@ -39,18 +38,62 @@ def to_uint8(images: Tensor) -> Tensor:
     return ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def _first_image_side(path: str, shards: bool) -> int:
-    """Shorter side of the first image of a folder or of the first shard (the default reading resolution)."""
-    if shards:
-        with tarfile.open(expand_shard_urls(path)[0]) as tar:
-            for member in tar:
-                if member.isfile() and member.name.rsplit(".", 1)[-1].lower() in IMAGE_KEYS:
-                    return min(Image.open(io.BytesIO(tar.extractfile(member).read())).size)
-        raise ValueError(f"{path}: the first shard holds no image member ({list(IMAGE_KEYS)})")
-    root = Path(path)
-    first = next(p for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS
-                 and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    return min(Image.open(first).size)
+def _shard_images(path: str) -> Iterator[tuple[str, Any]]:
+    """(name, file object) of every member with an image extension, shard by shard, to the end or to a cut."""
+    for url in expand_shard_urls(path):
+        try:
+            with tarfile.open(url, mode="r|*") as tar:
+                for member in tar:
+                    if member.isfile() and member.name.rsplit(".", 1)[-1].lower() in IMAGE_KEYS:
+                        yield f"{url}:{member.name}", io.BytesIO(tar.extractfile(member).read())
+        except (tarfile.TarError, OSError):  # a truncated or broken shard: its readable head was looked at
+            continue
+
+
+def _folder_files(root: Path) -> Iterator[Path]:
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts):
+            yield p
+
+
+def _is_shards(path: str) -> bool:
+    local = Path(path).expanduser()
+    return (any(c in path for c in "{*?[") or "::" in path or path.endswith(".tar")
+            or (local.is_dir() and any(local.glob("*.tar"))
+                and not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in local.iterdir())))
+
+
+def probe_image_set(path: str | os.PathLike, name: str = "images", shards: bool | None = None) -> int:
+    """The shorter side of the first readable image of a folder or of webdataset shards (the default reading
+    resolution), skipping files that do not decode. Raises a ValueError naming the set (``name=path``) when it
+    holds no readable image at all; other files (captions, JSON, ...) are ignored."""
+    path = os.fspath(path)
+    local = Path(path).expanduser()
+    if not any(c in path for c in "{*?[") and "::" not in path and not local.exists():
+        raise FileNotFoundError(f"{name}={path} does not exist (absolute: {local.resolve()}); give a folder of "
+                                "images or webdataset shards (a .tar, a brace pattern such as "
+                                "data/shards/val-{000000..000003}.tar, or a folder of .tar files)")
+    if shards is None:
+        shards = _is_shards(path)
+    unreadable: list[str] = []
+    ignored = 0
+    files = _shard_images(path) if shards else ((str(p), p) for p in _folder_files(local))
+    for file, source in files:
+        if not shards and Path(file).suffix.lower() not in IMAGE_EXTENSIONS:
+            ignored += 1
+            continue
+        try:
+            with open_image(source) as img:
+                return min(img.size)
+        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+            unreadable.append(f"{file} ({type(exc).__name__}: {str(exc)[:80]})")
+    where = "shards" if shards else "folder"
+    found = (f"{len(unreadable)} file(s) named as images could not be decoded, e.g.\n  "
+             + "\n  ".join(unreadable[:5]) + "\n" if unreadable
+             else f"no {'member' if shards else 'file'} has an image extension {list(IMAGE_EXTENSIONS)}")
+    other = f"{ignored} other file(s) ignored; " if ignored else ""
+    raise ValueError(f"{name}={path}: no readable images in this {where}: {found}{other}point {name}= at a "
+                     "folder of images (.png, .jpg, ...) or at webdataset shards of images")
 
 
 def open_image_set(path: str | os.PathLike, resolution: int | None = None, name: str = "images",
@@ -63,22 +106,16 @@ def open_image_set(path: str | os.PathLike, resolution: int | None = None, name:
     """
     path = os.fspath(path)
     local = Path(path).expanduser()
-    is_pattern = any(c in path for c in "{*?[") or "::" in path
-    if not is_pattern and not local.exists():
-        raise FileNotFoundError(f"{name}={path} does not exist (absolute: {local.resolve()}); give a folder of "
-                                "images or webdataset shards (a .tar, a brace pattern such as "
-                                "data/shards/val-{000000..000003}.tar, or a folder of .tar files)")
-    shards = is_pattern or path.endswith(".tar") or (local.is_dir() and any(local.glob("*.tar"))
-                            and not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in local.iterdir()))
-    if resolution is None:
-        try:
-            resolution = _first_image_side(path, shards)
-        except StopIteration:
-            raise ValueError(f"{name}={path}: no images found (extensions {list(IMAGE_EXTENSIONS)})") from None
+    shards = _is_shards(path)
+    side = probe_image_set(path, name, shards)  # a set without one readable image stops here, named
+    resolution = check_resolution(side if resolution is None else resolution)
     if shards:
-        return WebDatasetImages(path, split="val", val_urls=path, resolution=resolution,
-                                max_bad_fraction=max_bad_fraction)
-    return ImageFolderDataset(local, split="all", resolution=resolution, max_bad_fraction=max_bad_fraction)
+        dataset = WebDatasetImages(path, split="val", val_urls=path, resolution=resolution,
+                                   max_bad_fraction=max_bad_fraction)
+    else:
+        dataset = ImageFolderDataset(local, split="all", resolution=resolution, max_bad_fraction=max_bad_fraction)
+    dataset.bad.fix = "raise evaluate.py's max_bad_fraction (e.g. max_bad_fraction=0.2)"
+    return dataset
 
 
 class _Indexed(Dataset):
@@ -213,12 +250,13 @@ def feature_metrics(real: FeatureStats, fake: FeatureStats, seed: int = 0, kid_s
 def evaluate_image_sets(real: str | os.PathLike, fake: str | os.PathLike, extractor: torch.nn.Module,
                         device: torch.device, *, resolution: int | None = None, limit: int | None = None,
                         batch_size: int = 32, num_workers: int = 0, seed: int = 0,
-                        progress: bool = True) -> dict[str, Any]:
+                        progress: bool = True, max_bad_fraction: float = 0.05) -> dict[str, Any]:
     """FID and KID (and IS of ``fake`` with Inception) between two image sets, no checkpoint involved.
 
     ``real``/``fake``: folders of images or webdataset shards (see ``open_image_set``); ``real`` may also be a
     reference-statistics ``.npz`` (``FeatureStats.save``; KID needs its stored features). ``limit``: at most
-    this many images per set. Returns the partial results dict of ``ldm.metrics.report`` (metrics, n_images,
+    this many images per set. Unreadable images (and the samples lost to a truncated shard) are skipped, counted
+    in ``n_bad`` and named in a warning, up to ``max_bad_fraction`` of a set. Returns the partial results dict of ``ldm.metrics.report`` (metrics, n_images,
     timing, extractor, data); every rank gets it.
     """
     started = time.perf_counter()
@@ -236,9 +274,13 @@ def evaluate_image_sets(real: str | os.PathLike, fake: str | os.PathLike, extrac
                 log.warning("real=%s stores no per-image features, so only FID is computed (KID needs them): "
                             "point real= at the image set, or at statistics saved with their features", path)
             continue
-        dataset = open_image_set(path, resolution, name)
+        dataset = open_image_set(path, resolution, name, max_bad_fraction)
         feats = dataset_features(dataset, extractor, device, limit, batch_size, num_workers, f"{name} features",
                                  progress)
+        if feats["n_bad"]:
+            log.warning("%s=%s: %d unreadable item(s) skipped (counted in n_bad): %s", name, path, feats["n_bad"],
+                        "; ".join(f"{k}: {v}" for k, v in list(dataset.bad.bad_items.items())[:5])
+                        if num_workers == 0 else "num_workers=0 lists them")
         bad += feats["n_bad"]
         sets[name] = to_stats(feats, extractor, {"path": str(path), "description": repr(dataset)})
     seconds = time.perf_counter() - started

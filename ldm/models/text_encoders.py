@@ -139,6 +139,20 @@ class TransformerTextEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------- class / unconditional
+LABELLED_DATASETS = ("fashion_mnist",)  # the datasets of ldm.data whose samples carry a class label
+
+
+def no_labels_error(fields: Sequence[str] | None = None) -> ValueError:
+    """The error for a class-conditional model given data without class labels, with what to do instead."""
+    found = f" (its samples have {sorted(fields)})" if fields is not None else ""
+    return ValueError(
+        f"text_encoder=class conditions on class labels, but the data has no class labels{found}. Labels come "
+        f"from datasets that carry them ({', '.join(f'data={d}' for d in LABELLED_DATASETS)} today; a latent "
+        "cache keeps them when it was built from such data). For captioned data use another text_encoder "
+        "(transformer, minilm, hf) or none for an unconditional model; for class conditioning use labelled data "
+        "(e.g. data=fashion_mnist text_encoder=class text_encoder.num_classes=10).")
+
+
 class ClassEncoder(nn.Module):
     """Class label -> one learned token [B, 1, D] (the paper's class-conditional ClassEmbedder).
 
@@ -160,6 +174,8 @@ class ClassEncoder(nn.Module):
     def forward(self, inputs: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
         """Labels LongTensor [B] in [0, num_classes] -> context [B, 1, D], mask bool [B, 1] (all True)."""
         device = self.embedding.weight.device
+        if not isinstance(inputs, Tensor) and any(isinstance(x, str) for x in inputs):
+            raise no_labels_error()  # captions where labels belong: the data has no labels
         labels = torch.as_tensor(inputs, device=device)
         if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise TypeError(f"ClassEncoder takes integer labels of shape [B], got {labels.dtype} {tuple(labels.shape)}")
