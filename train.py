@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
+import sys
 from pathlib import Path
 
 import hydra
@@ -21,16 +23,32 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.utils.data import IterableDataset
 
 from ldm.cache import build_cache, read_stage1_checkpoint, with_latent_stats
-from ldm.checkpoint import add_latent_stats, architecture, build_autoencoder, strict_load
+from ldm.checkpoint import add_latent_stats, architecture, build_autoencoder, load_torch_file, strict_load
 from ldm.data.latent_format import autoencoder_identity, check_cache_compatible, read_manifest
 from ldm.data.latents import channel_spread_problem
 from ldm.distributed import resolve_device
 from ldm.export import load_unet, pretrained_source, read_any
 from ldm.lit.callbacks import AtomicCheckpointIO
+from ldm.lit.resilience import (
+    NonFiniteTrainingError,
+    TrainingInterrupted,
+    TrainingState,
+    remove_stale_temporaries,
+    requeue_slurm_job,
+)
 from ldm.losses.lpips import lpips_min_input_size
 from ldm.models.discriminator import patchgan_min_input_size
+from ldm.runs import (
+    check_run_folder,
+    config_changes,
+    describe,
+    history_with,
+    last_good_checkpoint,
+    refuse_changes,
+)
 
 log = logging.getLogger("ldm.train")
 
@@ -57,6 +75,9 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file> for a given checkpoint")
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         problems.append(f"ckpt_path={cfg.ckpt_path} does not exist")
+    if cfg.trainer.get("gradient_clip_val") is not None:
+        problems.append("trainer.gradient_clip_val: clipping is done by the module, with the non-finite check; "
+                        f"use module.gradient_clip_val={cfg.trainer.gradient_clip_val}")
     if problems:
         raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
@@ -145,23 +166,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)  # stored in every checkpoint
+    ckpt_path = resume_path(cfg, run_dir)
+    check_run_folder(run_dir, ckpt_path)  # a run folder belongs to one run
+    remove_stale_temporaries(run_dir / "checkpoints")
+    history = resumed_history(ckpt_path, config)  # refuses architecture / data changes before any work
 
     build = build_ldm_stage if cfg.stage_name == "ldm" else build_autoencoder_stage
     module, data = build(cfg, config)
+    module.history = history
+    train_loader = data.train_dataloader()
+    check_val_interval(cfg, train_loader)
 
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
-    loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]  # null: switched off
+    callbacks.append(TrainingState(run_dir / "checkpoints"))  # data position, signals
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
     log.info("run directory: %s", run_dir)
     log.info("data: %s", data.describe())
-    trainer.fit(
-        module,
-        train_dataloaders=data.train_dataloader(),
-        val_dataloaders=data.val_dataloader(),
-        ckpt_path=resume_path(cfg, run_dir),
-    )
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=data.val_dataloader(), ckpt_path=ckpt_path)
 
     if not cfg.trainer.fast_dev_run:
         # Lightning saves `last.ckpt` after validations; a run that stops on max_steps between two
@@ -170,6 +194,39 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if trainer.is_global_zero and cfg.stage_name == "autoencoder":
             write_latent_stats(cfg, trainer, data, run_dir)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def resumed_history(ckpt_path: str | None, config: dict) -> list[dict]:
+    """The configs this run was trained under, ending with ``config``. On resume, a changed architecture or data
+    is refused (naming the keys); changed optimisation settings are applied, logged and recorded."""
+    if ckpt_path is None:
+        return [{"step": 0, "config": config, "time": None}]
+    stored = load_torch_file(ckpt_path, mmap=True)
+    meta = stored.get("ldm") or {}
+    if "config" not in meta:
+        raise ValueError(f"{ckpt_path} is not a checkpoint of an ldm training run (no stored config): resume only "
+                         "continues runs of train.py; start from other weights with autoencoder.pretrained / "
+                         "unet.pretrained")
+    refused, applied = config_changes(meta["config"], config)
+    refuse_changes(refused, ckpt_path)
+    if applied:
+        log.warning("resuming with changed settings (applied from step %d, recorded in the checkpoint's "
+                    "history):\n%s", stored.get("global_step", 0), describe(applied))
+    return history_with(meta, config, int(stored.get("global_step", 0)))
+
+
+def check_val_interval(cfg: DictConfig, loader) -> None:
+    """Lightning refuses a batch validation interval longer than an epoch only once training starts."""
+    interval = cfg.trainer.get("val_check_interval")
+    try:
+        batches = len(loader)
+    except TypeError:
+        return
+    if isinstance(interval, int) and interval > batches and cfg.trainer.get("check_val_every_n_epoch") is not None:
+        raise ValueError(
+            f"trainer.val_check_interval={interval} steps is longer than one epoch of the training data ({batches} "
+            f"batches of {cfg.batch_size}). Lower trainer.val_check_interval (<= {batches}), or validate every "
+            f"{interval} steps across epochs with trainer.check_val_every_n_epoch=null")
 
 
 def build_autoencoder_stage(cfg: DictConfig, config: dict):
@@ -194,23 +251,26 @@ def build_ldm_stage(cfg: DictConfig, config: dict):
         raise ValueError(f"{ae_key}={ae_source} is a {ae_ckpt['ldm']['stage']!r} checkpoint; "
                          "stage 2 needs a stage-1 (autoencoder) checkpoint or a pretrained autoencoder")
     autoencoder, stats = build_autoencoder(ae_ckpt)
+    spec = architecture(OmegaConf.to_container(cfg.unet, resolve=True))
+    # read (and checked) before any work; copied into the configured U-Net below
+    with torch.random.fork_rng():  # its throwaway initialisation must not shift the seeded ones below
+        pretrained_unet = load_unet(unet_source, preset=spec) if unet_source is not None else None
     identity = autoencoder_identity(autoencoder)
     text_encoder = instantiate(cfg.text_encoder)
     cache_dir = Path(cfg.cache_dir or default_cache_dir(cfg, identity))
     if not (cache_dir / "manifest.json").is_file():
+        check_labels(cfg, text_encoder, instantiate(cfg.data).dataset("train"), "the training images")
         log.info("no latent cache in %s: building it now (python -m ldm.cache does this on its own)", cache_dir)
-        data = instantiate(cfg.data)
-        ae_ckpt = read_stage1_checkpoint(ae_ckpt)  # checks that a checkpoint of ours holds its statistics
-        device = resolve_device("cpu" if str(cfg.trainer.accelerator) == "cpu" else "auto")
-        ae_ckpt = with_latent_stats(ae_ckpt, data, int(cfg.latent_stats_images), device, int(cfg.seed),
-                                    cfg.autoencoder_latent_scale)
-        build_cache(ae_ckpt, data, cache_dir, ckpt_path=ae_source, **cfg.cache)
+        # its random draws must not shift the model's initialisation: same seed, same run, cache built or not
+        with torch.random.fork_rng():
+            build_default_cache(cfg, ae_ckpt, ae_source, cache_dir)
     manifest = read_manifest(cache_dir)
     if stats is None and manifest.get("autoencoder", {}).get("identity") == identity:
         stats = manifest["latent_stats"]  # an imported autoencoder's statistics: measured once, kept in the cache
     if (problem := channel_spread_problem(stats or {}, str(cfg.latent_norm))) is not None:
         log.warning(problem)
     data = instantiate(cfg.latent_data, path=str(cache_dir))
+    check_labels(cfg, text_encoder, data.dataset("train"), f"the latent cache {cache_dir}")
     latent_shape = tuple(manifest["latent_shape"])
     f = autoencoder.downsample_factor
     if int(cfg.resolution) % f:
@@ -219,10 +279,10 @@ def build_ldm_stage(cfg: DictConfig, config: dict):
     side = int(cfg.resolution) // f  # what this run's images encode to
     check_cache_compatible(manifest, identity, latent_shape=(autoencoder.latent_channels, side, side), stats=stats,
                            text_encoder=text_encoder)
-    spec = architecture(OmegaConf.to_container(cfg.unet, resolve=True))
     unet = instantiate(spec)
-    if unet_source is not None:  # fine-tuning: the weights must fit the configured architecture
-        strict_load(unet, load_unet(unet_source, preset=spec).state_dict(), f"{unet_key}={unet_source}")
+    if pretrained_unet is not None:  # fine-tuning: the weights must fit the configured architecture
+        strict_load(unet, pretrained_unet.state_dict(), f"{unet_key}={unet_source}")
+        del pretrained_unet
         log.info("U-Net initialised from %s", unet_source)
     if unet.in_channels != latent_shape[0]:
         raise ValueError(f"unet.in_channels={unet.in_channels} but the autoencoder's latents have "
@@ -236,6 +296,30 @@ def build_ldm_stage(cfg: DictConfig, config: dict):
         latent_stats=stats, latent_shape=latent_shape, run_config=config, meta=meta,
     )
     return module, data
+
+
+def check_labels(cfg: DictConfig, text_encoder, dataset, what: str) -> None:
+    """A class-conditional model needs a class label in every sample; say so before any work."""
+    if getattr(text_encoder, "input_key", "caption") != "label":
+        return
+    sample = next(iter(dataset)) if isinstance(dataset, IterableDataset) else dataset[0]
+    label = sample.get("label")
+    if label is None:
+        label = json.loads(sample.get("attributes") or "{}").get("label")
+    if label is None:
+        raise ValueError(f"text_encoder=class conditions on class labels, but {what} carry none (data="
+                         f"{OmegaConf.select(cfg, 'data.dataset._target_')}). Use a labelled dataset (data=fashion_mnist)"
+                         ", or a text encoder that reads captions (text_encoder=transformer_small, minilm, ...) or "
+                         "none (unconditional)")
+
+
+def build_default_cache(cfg: DictConfig, ae_ckpt: dict, ae_source: str, cache_dir: Path) -> None:
+    data = instantiate(cfg.data)
+    ae_ckpt = read_stage1_checkpoint(ae_ckpt)  # checks that a checkpoint of ours holds its statistics
+    device = resolve_device("cpu" if str(cfg.trainer.accelerator) == "cpu" else "auto")
+    ae_ckpt = with_latent_stats(ae_ckpt, data, int(cfg.latent_stats_images), device, int(cfg.seed),
+                                cfg.autoencoder_latent_scale)
+    build_cache(ae_ckpt, data, cache_dir, ckpt_path=ae_source, **cfg.cache)
 
 
 def default_cache_dir(cfg: DictConfig, identity: str) -> Path:
@@ -263,7 +347,20 @@ def write_latent_stats(cfg: DictConfig, trainer: pl.Trainer, data, run_dir: Path
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    try:
+        metrics = train(cfg)
+    except TrainingInterrupted as stop:  # SIGTERM / SIGINT / SIGUSR1: saved at this step
+        requeued = stop.signum == signal.SIGUSR1 and requeue_slurm_job()
+        log.warning("%s; %s", stop, "the SLURM job is requeued and continues with resume=auto" if requeued else
+                    f"continue with: python train.py run_name={cfg.run_name} resume=auto")
+        sys.exit(128 + stop.signum)
+    except NonFiniteTrainingError as err:
+        good = last_good_checkpoint(run_dir)
+        sys.exit(f"training stopped: {err}. The last good checkpoint is "
+                 f"{good if good is not None else 'none (no checkpoint was written before)'}; resume it with "
+                 f"run_name={cfg.run_name} resume=auto and e.g. a lower learning rate, or raise "
+                 "module.max_consecutive_skips")
     # Returned for Hydra sweepers (hparams_search): the checkpoint metric of the run.
     return metrics.get(cfg.monitor)
 

@@ -13,7 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from ldm.data.resumable import EpochShuffleSampler, ResumableDataLoader
 
 SPLITS = ("train", "val", "test")
 
@@ -22,30 +24,6 @@ def _factory_name(factory: Callable) -> str:
     while isinstance(factory, functools.partial):
         factory = factory.func
     return getattr(factory, "__qualname__", repr(factory))
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A random permutation that is a pure function of (seed, epoch).
-
-    A plain ``shuffle=True`` draws each epoch's order from a generator whose state lives only in memory, so a
-    run resumed from a checkpoint would see a different order than the uninterrupted run. Lightning calls
-    ``set_epoch`` at the start of every epoch (under DDP it swaps in a DistributedSampler, also epoch-seeded).
-    """
-
-    def __init__(self, size: int, seed: int = 0) -> None:
-        self.size = size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.size
 
 
 class ImageDataModule:
@@ -107,16 +85,13 @@ class ImageDataModule:
             raise ValueError(f"the train split has {len(ds)} samples, fewer than batch_size={batch_size}; "
                              "with drop_last no batch would remain. Lower batch_size or add data.")
         # Offset the seed per split so train and val workers do not share random streams.
-        generator = torch.Generator().manual_seed(self.seed + SPLITS.index(split))
         extra = {}
         if self.num_workers > 0:
             extra["persistent_workers"] = self.persistent_workers
             if self.prefetch_factor is not None:
                 extra["prefetch_factor"] = self.prefetch_factor
-        sampler = EpochShuffleSampler(len(ds), self.seed) if train and self.shuffle and not iterable else None
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=train,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory, generator=generator,
-                          **extra)
+        return make_loader(ds, train, batch_size, self.num_workers, self.pin_memory, self.seed + SPLITS.index(split),
+                           shuffle=self.shuffle, **extra)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
@@ -146,6 +121,27 @@ class ImageDataModule:
 
 # Center crop, no flip, no shuffling, one pass: how the latent cache and evaluate.py read a split.
 CANONICAL_VIEW = {"crop": "center", "flip": False, "shuffle_buffer": 0, "epoch_size": None}
+
+
+def make_loader(ds: Dataset, train: bool, batch_size: int, num_workers: int, pin_memory: bool, seed: int,
+                shuffle: bool = True, **extra: Any) -> DataLoader:
+    """The train loader (``ResumableDataLoader``: exact mid-epoch resume) or a val/test loader of ``ds``.
+
+    Map-style data is split across DDP ranks by ``EpochShuffleSampler`` (train: shuffled per epoch unless
+    ``shuffle=False``; val/test: in order), so the trainer runs with ``use_distributed_sampler=False``. Iterable
+    datasets split themselves. Train loaders drop the last partial batch.
+    """
+    iterable = isinstance(ds, IterableDataset)
+    sampler = None if iterable else EpochShuffleSampler(len(ds), seed, shuffle=train and shuffle)
+    generator = torch.Generator().manual_seed(seed)
+    if not train:
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                          generator=generator, **extra)
+    if iterable and num_workers > 0:
+        # fresh workers each epoch: they receive the dataset with its epoch set (ResumableDataLoader.__iter__)
+        extra["persistent_workers"] = False
+    return ResumableDataLoader(ds, seed=seed, batch_size=batch_size, sampler=sampler, drop_last=True,
+                               num_workers=num_workers, pin_memory=pin_memory, generator=generator, **extra)
 
 
 def canonical_dataset(data_module: Any, split: str) -> Dataset:

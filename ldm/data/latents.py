@@ -19,10 +19,10 @@ from typing import Any
 import torch
 import webdataset as wds
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ldm.data.common import stable_hash
-from ldm.data.datamodules import EpochShuffleSampler
+from ldm.data.datamodules import make_loader
 from ldm.data.latent_format import (
     CACHE_FORMAT,
     CACHE_VERSION,
@@ -30,6 +30,7 @@ from ldm.data.latent_format import (
     MANIFEST_NAME,
     autoencoder_identity,
     check_cache_compatible,
+    check_shard_files,
     collate_latents,
     iter_shards,
     read_manifest,
@@ -154,6 +155,7 @@ class LatentShardDataset(IterableDataset):
         self.root = Path(path)
         self.manifest = read_manifest(self.root)
         info = split_info(self.manifest, split)
+        check_shard_files(self.root, info["shards"])  # a cut copy of the cache is an error, not a shorter epoch
         self.split = split
         self.shards = [(str(self.root / s["name"]), int(s["num_samples"])) for s in info["shards"]]
         self.total = int(info["num_samples"])
@@ -168,7 +170,12 @@ class LatentShardDataset(IterableDataset):
         if self.total < self._built_world:
             raise ValueError(f"the {split!r} split of {self.root} has {self.total} samples, fewer than the "
                              f"{self._built_world} ranks")
-        self._iterations = 0
+        self.epoch: int | None = None  # None: every pass of this copy counts as a new epoch
+        self._passes = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose shard order and buffer shuffle the next pass draws (``ResumableDataLoader`` sets it)."""
+        self.epoch = int(epoch)
 
     def rank_and_world(self) -> tuple[int, int]:
         rank, world = wds.utils.pytorch_worker_info()[:2]
@@ -186,9 +193,10 @@ class LatentShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         rank, world = self.rank_and_world()
         _, _, worker, n_workers = wds.utils.pytorch_worker_info()
-        info = get_worker_info()
-        self._iterations += 1
-        base = stable_hash(self.seed, rank, info.seed if info is not None else 0, self._iterations)
+        # a pure function of (seed, epoch, rank, worker): a resumed run re-reads exactly the stream it stopped in
+        epoch = self.epoch if self.epoch is not None else self._passes
+        self._passes += 1
+        base = stable_hash(self.seed, rank, worker, n_workers, epoch)
         if self._by_shard(world):
             active = min(n_workers, len(self.shards) // world)
             if worker >= active:
@@ -239,7 +247,9 @@ class LatentMemoryDataset(Dataset):
         self.root = Path(path)
         self.manifest = read_manifest(self.root)
         self.split = split
-        urls = [str(self.root / s["name"]) for s in split_info(self.manifest, split)["shards"]]
+        shards = split_info(self.manifest, split)["shards"]
+        check_shard_files(self.root, shards)
+        urls = [str(self.root / s["name"]) for s in shards]
         samples = list(iter_shards(urls, float32=False))
         if not samples:
             raise ValueError(f"the {split!r} split of {self.root} holds no samples")
@@ -326,15 +336,12 @@ class LatentDataModule:
         if train and len(ds) < batch_size:
             raise ValueError(f"the train split has {len(ds)} samples per rank, fewer than batch_size={batch_size}; "
                              "with drop_last no batch would remain. Lower batch_size or cache more images.")
-        sampler = EpochShuffleSampler(len(ds), self.seed) if train and not isinstance(ds, IterableDataset) else None
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"collate_fn": collate_latents}
         if self.num_workers > 0:
             extra["persistent_workers"] = self.persistent_workers
             if self.prefetch_factor is not None:
                 extra["prefetch_factor"] = self.prefetch_factor
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=collate_latents,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          generator=torch.Generator().manual_seed(self.seed + (not train)), **extra)
+        return make_loader(ds, train, batch_size, self.num_workers, self.pin_memory, self.seed + (not train), **extra)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -19,6 +19,7 @@ import glob
 import io
 import itertools
 import json
+import logging
 import os
 import random
 import re
@@ -28,17 +29,21 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from ldm.data.common import (
     BadDataCounter,
     ImageTransform,
     check_choice,
+    check_resolution,
     make_sample,
     open_image,
     stable_hash,
     tensor_to_uint8,
 )
+from ldm.data.tarcheck import scan_tar_cached
+
+log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 _REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+:")  # pipe:, http:, s3:, gs:, ... (not a Windows drive "C:")
@@ -107,6 +112,7 @@ class WebDatasetImages(IterableDataset):
                  max_bad_fraction: float = 0.05) -> None:
         super().__init__()
         self.split = check_choice("split", split, ("train", "val", "test"))
+        check_resolution(resolution)  # before expanding the shard list: a typo'd setting is named first
         source = {"train": urls, "val": val_urls, "test": test_urls if test_urls is not None else val_urls}[split]
         if source is None:
             raise ValueError(f"WebDatasetImages has no shards for split {split!r}: pass val_urls=... "
@@ -124,15 +130,22 @@ class WebDatasetImages(IterableDataset):
         self.epoch_size = epoch_size if self.training else None
         self.seed = int(seed)
         self.bad = BadDataCounter(f"WebDatasetImages({self.source!r})", max_bad_fraction)
+        self._whole_keys: dict[str, frozenset[str]] = {}  # truncated local shard -> keys of its whole samples
         # Rank seen where the dataset is built (Lightning builds it after init_process_group). A DataLoader
         # worker started with "spawn" has no process group, so __iter__ falls back to these values there.
         self._built_rank, self._built_world = wds.utils.pytorch_worker_info()[:2]
-        self._iterations = 0  # advances per __iter__ in this process copy (persistent workers, num_workers=0)
+        # set by the train loader before each pass (ldm.data.resumable.ResumableDataLoader); None: every pass of
+        # this copy counts as a new epoch
+        self.epoch: int | None = None
+        self._passes = 0
 
     def __len__(self) -> int:
         if self.epoch_size is None:
             raise TypeError("WebDatasetImages has no length unless epoch_size is set (train split)")
         return self.epoch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def rank_and_world(self) -> tuple[int, int]:
         """(rank, world size) from RANK/WORLD_SIZE or torch.distributed (as webdataset's split_by_node)."""
@@ -155,11 +168,12 @@ class WebDatasetImages(IterableDataset):
         quota = None
         if self.epoch_size is not None:
             quota = self.epoch_size // active + (worker < self.epoch_size % active)
-        # The DataLoader draws a new base seed from its generator for every epoch (fresh workers), and
-        # _iterations advances when the same copy is iterated again, so every epoch shuffles differently.
-        info = get_worker_info()
-        self._iterations += 1
-        base = stable_hash(self.seed, rank, info.seed if info is not None else 0, self._iterations)
+        # Shard order and buffer shuffle are a pure function of (seed, epoch, rank, worker), so a resumed run
+        # re-reads the stream it stopped in. (Random crops/flips draw from the worker's torch RNG, which the train
+        # loader seeds from (seed, epoch) too.)
+        epoch = self.epoch if self.epoch is not None else self._passes
+        self._passes += 1
+        base = stable_hash(self.seed, rank, worker, n_workers, epoch)
         produced, passes = 0, 0
         while quota is None or produced < quota:
             got = 0
@@ -189,7 +203,7 @@ class WebDatasetImages(IterableDataset):
         pipeline = wds.WebDataset(
             self.urls, handler=self.on_error, seed=seed % 2**63, empty_check=False,
             shardshuffle=len(self.urls) if self.training else False,
-            nodesplitter=split_by_rank, workersplitter=split_by_active_worker,
+            nodesplitter=split_by_rank, workersplitter=lambda src: self.check_shards(split_by_active_worker(src)),
         )
         if self.shuffle_buffer > 1:
             pipeline = pipeline.shuffle(self.shuffle_buffer, rng=random.Random(seed + 1))
@@ -198,8 +212,31 @@ class WebDatasetImages(IterableDataset):
             if sample is not None:
                 yield sample
 
+    def check_shards(self, items: Iterable[dict]) -> Iterator[dict]:
+        """webdataset stage before the tar reader: a local shard cut short (``ldm.data.tarcheck``) is named in a
+        warning and counted as one bad item before it is read; only its whole samples are then used.
+
+        (tarfile reads a cut tar as a shorter one: without this the samples after the cut vanish silently.)
+        Remote shards (pipe:, http:, ...) cannot be checked without downloading them twice.
+        """
+        for item in items:
+            url = item["url"]
+            if not _REMOTE.match(url) or url.startswith("file:"):
+                scan, first_time = scan_tar_cached(url[len("file:"):] if url.startswith("file:") else url)
+                if scan.truncated:
+                    self._whole_keys[url] = frozenset(scan.keys)
+                    if first_time:
+                        log.warning("%s. It is counted as a bad item (n_bad).", scan.describe())
+                    self.bad.failed(f"{url} (truncated)", f"{scan.detail}; the shard ended early after "
+                                    f"{scan.samples} whole samples")
+                else:
+                    self._whole_keys.pop(url, None)
+            yield item
+
     def on_error(self, exn: Exception) -> bool:
         """webdataset handler: count the broken tar/member and keep going (``failed`` raises past the limit)."""
+        if any(url in str(a) for a in exn.args for url in self._whole_keys):
+            return True  # the cut of a truncated shard: counted once for the shard by check_shards
         where = next((a for a in exn.args if isinstance(a, str) and ".tar" in a), "shard")
         self.bad.failed(f"{where} (tar error #{self.bad.bad + 1})", exn)
         return True
@@ -208,6 +245,9 @@ class WebDatasetImages(IterableDataset):
         """A raw webdataset sample -> the sample dict this dataset yields, or None (counted in ``self.bad``)."""
         key = str(raw.get("__key__", ""))
         name = f"{raw.get('__url__', '?')}:{key}"
+        whole = self._whole_keys.get(raw.get("__url__"))
+        if whole is not None and key not in whole:
+            return None  # the sample a truncated shard's cut went through: counted once for the shard
         ext = next((e for e in IMAGE_KEYS if e in raw), None)
         if ext is None:
             found = sorted(k for k in raw if not k.startswith("__"))

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from ldm.lit.resilience import StepGuard, poison_if_not_finite, restart_optimisation
 from ldm.losses.autoencoder import AutoencoderLoss
 from ldm.metrics.recon import psnr, ssim
 from ldm.models.ema import ema_decay_at, ema_update
@@ -41,6 +42,10 @@ class AutoencoderModule(pl.LightningModule):
         grid_images: how many validation images go into the input/reconstruction grid.
         ema_decay: keep an EMA of the autoencoder weights (``autoencoder_ema``), used for validation, latent
             statistics and everything built from the checkpoint. ``None``: off.
+        max_consecutive_skips: stop the run (``NonFiniteTrainingError``) after this many training steps in a row
+            whose loss or gradients were not finite (each one is skipped: ``ldm.lit.resilience.StepGuard``).
+        history: the configs this run was trained under (``train.py`` appends one entry per resume that changed
+            settings); stored in every checkpoint.
         latent_stats: set after training (scale and per-channel mean/std); stored in checkpoints.
     """
 
@@ -60,6 +65,8 @@ class AutoencoderModule(pl.LightningModule):
         seed: int = 0,
         grid_images: int = 8,
         ema_decay: float | None = None,
+        max_consecutive_skips: int = 20,
+        history: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -80,6 +87,9 @@ class AutoencoderModule(pl.LightningModule):
         self.ema_decay = ema_decay
         self.autoencoder_ema = copy.deepcopy(autoencoder).requires_grad_(False) if ema_decay else None
         self._grid: tuple[Tensor, Tensor] | None = None
+        self.guard = StepGuard(max_consecutive_skips)
+        self.history = list(history or [])
+        self._resumed = False
 
     # ----------------------------------------------------------------------------------------------- setup
     def learning_rate(self) -> float:
@@ -98,8 +108,13 @@ class AutoencoderModule(pl.LightningModule):
         return [opt_g, opt_d], [self.lr_scheduler_factory(opt_g), self.lr_scheduler_factory(opt_d)]
 
     # ---------------------------------------------------------------------------------------------- train
+    def on_train_start(self) -> None:
+        if self._resumed:  # the new config's optimizer settings and LR schedule, at the resumed step
+            restart_optimisation(self, [self.optimizer_factory, self.disc_optimizer_factory], self.learning_rate(),
+                                 self.lr_scheduler_factory)
+
     def _update(self, opt, loss: Tensor, do_step: bool, counts_as_step: bool = True) -> None:
-        self.manual_backward(loss / self.accumulate)
+        self.manual_backward(poison_if_not_finite(loss) / self.accumulate)
         if do_step:
             if counts_as_step:
                 opt.step()
@@ -110,8 +125,8 @@ class AutoencoderModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # Lightning calls this inside `opt.step()` after AMP has unscaled the gradients (16-mixed), so the
         # threshold is in true gradient units; clipping before `opt.step()` would see loss-scaled gradients.
-        if self.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        # Non-finite gradients are dropped here, so the step applies nothing.
+        self.guard.check(optimizer, self.gradient_clip_val)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()
@@ -122,10 +137,12 @@ class AutoencoderModule(pl.LightningModule):
         noise = torch.Generator(device=x.device)
         noise.manual_seed(hash((self.seed, self.global_rank, step, batch_idx)) % 2**63)
 
+        self.guard.begin_step(self)
         self.toggle_optimizer(opt_g)
         recon, posterior = self.autoencoder(x, generator=noise)
         g_loss, logs = self.loss.generator_loss(x, recon, posterior, step, self.autoencoder.get_last_layer())
         self._update(opt_g, g_loss, do_step)
+        generator_applied = self.guard.last_ok
         self.untoggle_optimizer(opt_g)
 
         if self.loss.discriminator_active(step):
@@ -138,8 +155,11 @@ class AutoencoderModule(pl.LightningModule):
         bar = {"rec_loss", "d_loss"}
         self.log_dict({f"train/{k}": v for k, v in logs.items() if k in bar}, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in logs.items() if k not in bar})
-        if do_step and self.autoencoder_ema is not None:
+        if do_step and self.autoencoder_ema is not None and generator_applied:
             ema_update(self.autoencoder_ema, self.autoencoder, ema_decay_at(step, self.ema_decay))
+        if do_step:
+            self.guard.end_step(step)
+            self.log("train/skipped_steps", float(self.guard.total))
         if do_step and self.lr_scheduler_factory is not None:
             for scheduler in self.lr_schedulers():
                 scheduler.step()
@@ -174,10 +194,13 @@ class AutoencoderModule(pl.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(self._FROZEN_PREFIX)]:
             del state[key]
-        checkpoint["ldm"] = {"stage": "autoencoder", "config": self.run_config, "latent_stats": self.latent_stats}
+        checkpoint["ldm"] = {"stage": "autoencoder", "config": self.run_config, "latent_stats": self.latent_stats,
+                             "history": self.history, "guard": self.guard.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.latent_stats = checkpoint.get("ldm", {}).get("latent_stats")
+        self.guard.load_state_dict(checkpoint.get("ldm", {}).get("guard"))
+        self._resumed = True
         own = {k: v for k, v in self.state_dict().items() if k.startswith(self._FROZEN_PREFIX)}
         checkpoint["state_dict"].update(own)
 

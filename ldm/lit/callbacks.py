@@ -11,15 +11,25 @@ import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torchvision.utils import make_grid, save_image
 
-from ldm.checkpoint import atomic_torch_save
+from ldm.checkpoint import atomic_torch_save, load_torch_file
+from ldm.lit.resilience import check_finite_state
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write checkpoints to a temporary file in the same folder, then rename: a crash or a kill never
-    leaves a half-written ``last.ckpt`` behind (os.replace is atomic on POSIX)."""
+    """How Lightning writes and reads our checkpoints.
+
+    Writes go to a temporary file in the same folder, then a rename: a crash or a kill never leaves a half-written
+    ``last.ckpt`` behind (os.replace is atomic on POSIX). A state with NaN/inf weights is refused, so the last good
+    file stays. Reads (``ckpt_path=``, ``resume=auto``) never run code: ``weights_only=True`` whatever torch's
+    default, through ``ldm.checkpoint``.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        check_finite_state(checkpoint.get("state_dict", {}), str(path))
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return load_torch_file(path)
 
 
 class ReconstructionGrid(pl.Callback):

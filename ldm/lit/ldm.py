@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ldm.data.latents import normalize_latents, sample_posterior
 from ldm.generate import LatentDiffusion, generate, training_condition
+from ldm.lit.resilience import StepGuard, poison_if_not_finite, restart_optimisation
 from ldm.losses.diffusion import DiffusionLoss
 from ldm.models.ema import ema_decay_at, ema_update
 
@@ -42,6 +43,10 @@ class LatentDiffusionModule(pl.LightningModule):
             (autoencoder identity, cache manifest summary).
         seed: the posterior/noise/timestep/dropout draws are a pure function of (seed, rank, step, batch).
         compile: ``torch.compile`` the U-Net (in place, so checkpoint keys do not change).
+        gradient_clip_val: clip the global grad norm (0/None: off); done here, with the non-finite check.
+        max_consecutive_skips: stop the run after this many steps in a row with a non-finite loss or gradients
+            (each is skipped: ``ldm.lit.resilience.StepGuard``).
+        history: the configs this run was trained under (see ``train.py``); stored in every checkpoint.
     """
 
     def __init__(
@@ -65,6 +70,9 @@ class LatentDiffusionModule(pl.LightningModule):
         meta: dict[str, Any] | None = None,
         seed: int = 0,
         compile: bool = False,
+        gradient_clip_val: float | None = None,
+        max_consecutive_skips: int = 20,
+        history: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= p_uncond < 1.0:
@@ -88,7 +96,10 @@ class LatentDiffusionModule(pl.LightningModule):
         self.seed = int(seed)
         self.unet_ema = copy.deepcopy(unet).eval().requires_grad_(False) if ema_decay else None
         self.ema_decay = ema_decay
-        self._ema_step = -1
+        self.gradient_clip_val = gradient_clip_val
+        self.guard = StepGuard(max_consecutive_skips)
+        self.history = list(history or [])
+        self._resumed = False
         if compile:
             self.unet.compile()
 
@@ -115,6 +126,10 @@ class LatentDiffusionModule(pl.LightningModule):
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        if self._resumed:  # the new config's optimizer settings and LR schedule, at the resumed step
+            restart_optimisation(self, [self.optimizer_factory], self.learning_rate(), self.lr_scheduler_factory)
+
     # ---------------------------------------------------------------------------------------------- train
     def _generator(self, *key: int) -> torch.Generator:
         gen = torch.Generator(device=self.device)
@@ -129,6 +144,7 @@ class LatentDiffusionModule(pl.LightningModule):
         return self.loss(lambda x, t: unet(x, t, **cond), z, generator=gen)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self.guard.begin_step(self)
         gen = self._generator(self.global_rank, self.global_step, batch_idx)
         loss, logs = self._diffusion_loss(self.unet, batch, gen, self.p_uncond)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["mean"].shape[0])
@@ -136,13 +152,21 @@ class LatentDiffusionModule(pl.LightningModule):
         if "n_bad" in batch:
             self.log("data/skipped", batch["n_bad"].sum().float(), reduce_fx="sum", on_step=False, on_epoch=True,
                      sync_dist=True)
-        return loss
+        return poison_if_not_finite(loss)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # global_step advances once per optimizer step (after gradient accumulation): update the EMA then
-        if self.unet_ema is not None and self.global_step != self._ema_step:
-            self._ema_step = self.global_step
-            ema_update(self.unet_ema, self.unet, ema_decay_at(self.global_step - 1, self.ema_decay))
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # after AMP unscaling (16-mixed), so the clip threshold is in true gradient units; non-finite gradients
+        # are dropped here, so the step applies nothing
+        self.guard.check(optimizer, self.gradient_clip_val)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        step = self.global_step
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # the EMA follows every applied update, inside the step, so a checkpoint saved at any hook holds both
+        if self.unet_ema is not None and self.guard.last_ok:
+            ema_update(self.unet_ema, self.unet, ema_decay_at(step, self.ema_decay))
+        self.guard.end_step(step)
+        self.log("train/skipped_steps", float(self.guard.total))
 
     # ----------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -189,9 +213,12 @@ class LatentDiffusionModule(pl.LightningModule):
             "stage": "ldm", "config": self.run_config, "latent_stats": self.latent_stats,
             "latent_norm": self.latent_norm, "latent_shape": list(self.latent_shape),
             "text_encoder": self.text_encoder.identity(), **self.meta,
+            "history": self.history, "guard": self.guard.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.guard.load_state_dict(checkpoint.get("ldm", {}).get("guard"))
+        self._resumed = True
         prefixes = self._frozen_prefixes()
         if prefixes:
             checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k.startswith(prefixes)})

@@ -47,6 +47,10 @@ def latent_statistics(
             break
     if not seen:
         raise ValueError("latent_statistics got no images: the training data loader is empty")
+    if not bool(torch.isfinite(total).all() and torch.isfinite(sq).all()):
+        # never written: stage 2 would silently train on NaN latents
+        raise ValueError(f"the latents of {seen} images hold NaN/inf (per-channel sums {total.tolist()}): the "
+                         "autoencoder's weights are broken; use an earlier checkpoint of the run")
     mean = total / count
     var = (sq / count - mean.pow(2)).clamp_min(1e-12)
     g_mean = total.sum() / (count * mean.numel())

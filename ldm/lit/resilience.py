@@ -1,0 +1,321 @@
+"""What keeps a days-long run from losing work or writing garbage: bad-step guard, signals, exact data position,
+resumed optimisation settings, and checkpoints that never hold non-finite numbers.
+
+- ``StepGuard``: an optimizer update whose gradients are not finite is not applied (no optimizer, EMA update;
+  under 16-mixed the scaler backs off as usual), counted in ``train/skipped_steps``; after
+  ``max_consecutive`` bad steps in a row the run stops with ``NonFiniteTrainingError``.
+- ``TrainingState`` (callback): advances the train loader's position after every batch, and turns SIGTERM,
+  SIGINT and SIGUSR1 into "save ``last.ckpt`` at this step, then stop" (``TrainingInterrupted``; train.py exits
+  with 128 + signal and, for SIGUSR1 on SLURM, requeues the job).
+- ``restart_optimisation``: on resume, the optimizers take the hyperparameters of the *new* config and the LR
+  schedules are rebuilt and fast-forwarded to the resumed step (so a larger ``max_steps`` stretches a cosine).
+- ``FiniteModelCheckpoint``: a NaN/inf monitor value is never "best"; ``best-*`` files that the resumed state
+  does not know (written after the checkpoint a killed run resumes from) are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import Tensor
+
+from ldm.data.resumable import ResumableDataLoader
+
+log = logging.getLogger("ldm.train")
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many optimizer steps in a row had non-finite gradients (or loss)."""
+
+    def __init__(self, step: int, in_a_row: int, total: int) -> None:
+        self.step, self.in_a_row, self.total = step, in_a_row, total
+        super().__init__(f"{in_a_row} steps in a row up to step {step} had a non-finite loss or gradients "
+                         f"({total} skipped in all); none of them was applied")
+
+
+class TrainingInterrupted(Exception):
+    """A handled signal arrived; ``last.ckpt`` holds the state at ``step``."""
+
+    def __init__(self, signum: int, step: int, path: str) -> None:
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"{signal.Signals(signum).name} received: saved {path} at step {step}")
+
+
+# ------------------------------------------------------------------------------------------------ bad steps
+
+def poison_if_not_finite(loss: Tensor) -> Tensor:
+    """``loss`` unchanged when finite; else a loss whose gradients are NaN everywhere.
+
+    An infinite loss can still have finite gradients; making them NaN lets one test (the gradient norm, which
+    DDP has already all-reduced, so every rank decides alike) catch both without another collective.
+    The multiplier is detached and exactly 1.0 for a finite loss, so healthy steps are bit-for-bit unchanged.
+    """
+    ok = torch.isfinite(loss.detach())
+    return loss * torch.where(ok, torch.ones_like(loss), torch.full_like(loss, float("nan"))).detach()
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+class StepGuard:
+    """Decides, per optimizer update, whether its (unscaled, all-reduced) gradients are finite; clips them.
+
+    ``check`` is called right before ``optimizer.step`` (Lightning's ``on_before_optimizer_step``); when the
+    gradients are not finite it sets them to ``None``, which makes ``torch.optim`` skip every parameter (no
+    moment, step-count or weight-decay update). ``end_step`` closes a training step (several updates with a GAN)
+    and raises ``NonFiniteTrainingError`` after ``max_consecutive`` bad steps in a row (0: never).
+
+    Forward passes in training mode also change state outside the optimizer: BatchNorm running statistics (the
+    PatchGAN's). ``begin_step`` keeps a copy of those buffers and ``end_step`` puts them back after a bad step, so a
+    skipped step leaves no trace in the weights a checkpoint holds.
+    """
+
+    def __init__(self, max_consecutive: int = 20) -> None:
+        self.max_consecutive = int(max_consecutive)
+        self.total = 0  # bad steps in the whole run (restored on resume)
+        self.in_a_row = 0
+        self.step_ok = True  # all updates of the current step were applied
+        self.last_ok = True  # the latest update was applied
+        self._buffers: list[tuple[Tensor, Tensor]] | None = None
+
+    def begin_step(self, module: torch.nn.Module) -> None:
+        """Call before the first forward pass of a training step (once per accumulation window)."""
+        if self._buffers is None:
+            self._buffers = [(b, b.detach().clone()) for m in module.modules()
+                             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                             for b in m.buffers(recurse=False)]
+
+    def check(self, optimizer: torch.optim.Optimizer, clip: float | None) -> bool:
+        params = [p for p in optimizer_params(optimizer) if p.grad is not None]
+        if not params:
+            self.last_ok = True
+            return True
+        if clip:
+            norm = torch.nn.utils.clip_grad_norm_(params, float(clip), foreach=True)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+        self.last_ok = bool(torch.isfinite(norm))  # the one host sync the guard costs
+        if not self.last_ok:
+            for p in params:
+                p.grad = None
+            self.step_ok = False
+        return self.last_ok
+
+    def end_step(self, step: int) -> None:
+        buffers, self._buffers = self._buffers or [], None
+        if self.step_ok:
+            self.in_a_row = 0
+        else:
+            with torch.no_grad():
+                for live, saved in buffers:
+                    live.copy_(saved)
+            self.total += 1
+            self.in_a_row += 1
+            log.warning("step %d: non-finite loss or gradients; the update was skipped (%d in a row, %d in all)",
+                        step, self.in_a_row, self.total)
+        self.step_ok = True
+        if self.max_consecutive and self.in_a_row >= self.max_consecutive:
+            raise NonFiniteTrainingError(step, self.in_a_row, self.total)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"total": self.total, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict[str, int] | None) -> None:
+        state = state or {}
+        self.total, self.in_a_row = int(state.get("total", 0)), int(state.get("in_a_row", 0))
+
+
+def check_finite_state(state: dict[str, Any], what: str) -> None:
+    """Raise if a checkpoint's tensors hold NaN/inf: such a file is never written."""
+    bad = [k for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise NonFiniteCheckpointError(f"refusing to write {what}: {len(bad)} of {len(state)} tensors hold NaN/inf "
+                                       f"(e.g. {bad[:3]}); the last checkpoint on disk is kept")
+
+
+class NonFiniteCheckpointError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------ resumed optimisation
+
+def restart_optimisation(module: pl.LightningModule, factories: Iterable[Callable[..., torch.optim.Optimizer]],
+                         lr: float, scheduler_factory: Callable[..., Any] | None) -> None:
+    """After a resume: give the restored optimizers the hyperparameters of the current config (the restored
+    state carries the old ones) and rebuild the LR schedules from it, fast-forwarded to ``global_step``.
+
+    Fast-forwarding steps a fresh scheduler once per optimizer step, as the run itself does, so an unchanged
+    config gives bit-for-bit the learning rates of an uninterrupted run, and a changed one (``max_steps`` of a
+    cosine, the base lr, warm-up length) the schedule the new config describes at this step.
+    """
+    trainer = module.trainer
+    for opt, factory in zip(trainer.optimizers, factories, strict=True):
+        fresh = factory([torch.zeros(1, requires_grad=True)], lr=lr).defaults  # the new hyperparameters
+        for group in opt.param_groups:
+            group.update({k: v for k, v in fresh.items() if k != "params"})
+            group.pop("initial_lr", None)
+    if scheduler_factory is None:
+        return
+    steps = trainer.global_step
+    for config in trainer.lr_scheduler_configs:
+        scheduler = scheduler_factory(config.scheduler.optimizer)
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore")
+            for _ in range(steps):
+                scheduler.step()
+        config.scheduler = scheduler
+
+
+# ------------------------------------------------------------------------------------------- signals & data
+
+class TrainingState(pl.Callback):
+    """Data position and signals (module docstring). One per run; train.py adds it."""
+
+    def __init__(self, checkpoint_dir: str | os.PathLike, signals: Iterable[int] = HANDLED_SIGNALS) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    # signals: installed once training starts (Lightning registers its own handlers just before)
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:  # a second Ctrl+C: stop now, no save
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("%s received: saving at the end of this step, then stopping", signal.Signals(signum).name)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, self._handler)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for loader in _resumable(trainer):
+            loader.set_epoch(trainer.current_epoch)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        for loader in _resumable(trainer):
+            loader.advance(_batch_len(batch))
+        accumulate = int(getattr(pl_module, "accumulate", trainer.accumulate_grad_batches))
+        if (batch_idx + 1) % accumulate:
+            return  # never stop between the micro-batches of one optimizer step
+        signum = self._agreed_signal(trainer, pl_module)
+        if signum:
+            path = self.checkpoint_dir / "last.ckpt"
+            trainer.save_checkpoint(path, weights_only=False)  # the full state: resumable
+            raise TrainingInterrupted(signum, trainer.global_step, str(path))
+
+    def _agreed_signal(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        """The signal any rank received (all ranks must stop at the same step)."""
+        mine = self.received or 0
+        if trainer.world_size == 1:
+            return mine
+        flag = torch.tensor([mine], device=pl_module.device)
+        return int(trainer.strategy.reduce(flag, reduce_op="max").item())
+
+
+def _resumable(trainer: pl.Trainer) -> list[ResumableDataLoader]:
+    loaders = trainer.train_dataloader
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    return [dl for dl in loaders if isinstance(dl, ResumableDataLoader)]
+
+
+def _batch_len(batch: Any) -> int:
+    for key in ("image", "mean"):
+        if isinstance(batch, dict) and key in batch:
+            return int(batch[key].shape[0])
+    return len(batch)
+
+
+def requeue_slurm_job() -> bool:
+    """``scontrol requeue`` this SLURM job (array tasks included), as Lightning's SLURM auto-requeue does."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job:
+        return False
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], check=False).returncode
+    except FileNotFoundError:
+        log.error("scontrol not found: cannot requeue SLURM job %s; resubmit with resume=auto", job)
+        return False
+    log.info("requeue of SLURM job %s: %s", job, "done" if result == 0 else f"failed (exit {result})")
+    return result == 0
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+class FiniteModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that never ranks a NaN/inf monitor value as best (Lightning ranks NaN as +inf, which
+    still becomes "best" when nothing was saved before), and that removes, on resume, ``best-*`` files the
+    restored state does not know: a killed run may have written them after the checkpoint it resumes from."""
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
+        current = monitor_candidates.get(self.monitor) if self.monitor else None
+        if current is not None and not bool(torch.isfinite(torch.as_tensor(current))):
+            log.warning("step %d: %s = %s is not finite: not a candidate for the best checkpoint",
+                        trainer.global_step, self.monitor, float(current))
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    # Lightning writes `last.ckpt` only when a top-k file was written at the same step, so a run whose validation
+    # stopped improving would resume from an old state; `last.ckpt` follows every save point here.
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def _save_last_if_missed(self, trainer: pl.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.dirpath is None or not self.filename or not Path(self.dirpath).is_dir():
+            return
+        prefix = str(self.filename).split("{", 1)[0]
+        if not prefix:
+            return
+        known = {Path(p).resolve() for p in self.best_k_models} | {Path(self.best_model_path).resolve()}
+        for path in Path(self.dirpath).glob(f"{prefix}*{self.FILE_EXTENSION}"):
+            if path.resolve() not in known:
+                log.info("removing %s: written after the checkpoint this run resumes from", path.name)
+                path.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of saves that were killed before their rename (``.<name>.*.tmp``)."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d unfinished checkpoint file(s) of a killed save in %s", len(stale), folder)
+    return stale
