@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import signal
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import IterableDataset
 
 from ldm.cache import build_cache, read_stage1_checkpoint, with_latent_stats
@@ -178,14 +181,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_val_interval(cfg, train_loader)
 
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]  # null: switched off
-    callbacks.append(TrainingState(run_dir / "checkpoints"))  # data position, signals
+    state = TrainingState(run_dir / "checkpoints")  # data position, signals
+    callbacks.append(state)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
-    )
+    # on SLURM, SIGUSR1 is ours (save, then requeue), not Lightning's (which saves elsewhere, mid-step)
+    plugins = [AtomicCheckpointIO()] + ([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     log.info("run directory: %s", run_dir)
     log.info("data: %s", data.describe())
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=data.val_dataloader(), ckpt_path=ckpt_path)
+    state.install()
+    try:
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=data.val_dataloader(),
+                    ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning's own SIGTERM exit (before training started): ours, with its exit code
+        raise TrainingInterrupted(state.received or signal.SIGTERM, trainer.global_step, None) from None
+    finally:
+        state.uninstall()
 
     if not cfg.trainer.fast_dev_run:
         # Lightning saves `last.ckpt` after validations; a run that stops on max_steps between two
@@ -201,7 +212,7 @@ def resumed_history(ckpt_path: str | None, config: dict) -> list[dict]:
     is refused (naming the keys); changed optimisation settings are applied, logged and recorded."""
     if ckpt_path is None:
         return [{"step": 0, "config": config, "time": None}]
-    stored = load_torch_file(ckpt_path, mmap=True)
+    stored = read_resume_checkpoint(Path(ckpt_path))
     meta = stored.get("ldm") or {}
     if "config" not in meta:
         raise ValueError(f"{ckpt_path} is not a checkpoint of an ldm training run (no stored config): resume only "
@@ -213,6 +224,20 @@ def resumed_history(ckpt_path: str | None, config: dict) -> list[dict]:
         log.warning("resuming with changed settings (applied from step %d, recorded in the checkpoint's "
                     "history):\n%s", stored.get("global_step", 0), describe(applied))
     return history_with(meta, config, int(stored.get("global_step", 0)))
+
+
+def read_resume_checkpoint(path: Path) -> dict:
+    """The checkpoint to resume from, or a clear error when it is damaged (a copy or a save cut short)."""
+    try:
+        try:
+            return load_torch_file(path, mmap=True)
+        except RuntimeError:  # not the zip format mmap needs: read it whole (and fail below if it is broken)
+            return load_torch_file(path)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        others = [p.name for p in sorted(path.parent.glob("*.ckpt")) if p != path]
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}): the file is "
+                         "damaged, e.g. a copy cut short. Resume from another checkpoint of the run with ckpt_path="
+                         f"{path.parent}/<name>{' (there: ' + ', '.join(others) + ')' if others else ''}") from err
 
 
 def check_val_interval(cfg: DictConfig, loader) -> None:
@@ -336,7 +361,9 @@ def write_latent_stats(cfg: DictConfig, trainer: pl.Trainer, data, run_dir: Path
     ckpt_cb = trainer.checkpoint_callback
     paths = {str(run_dir / "checkpoints" / "last.ckpt")}
     if ckpt_cb is not None and ckpt_cb.best_model_path:
-        paths.add(ckpt_cb.best_model_path)
+        best = Path(ckpt_cb.best_model_path)
+        if best.is_file() and best.parent.resolve() == (run_dir / "checkpoints").resolve():  # this run's files only
+            paths.add(str(best))
     device = trainer.strategy.root_device
     for path in sorted(paths):
         images = (batch["image"] for batch in data.train_dataloader())
@@ -353,7 +380,7 @@ def main(cfg: DictConfig) -> float | None:
     except TrainingInterrupted as stop:  # SIGTERM / SIGINT / SIGUSR1: saved at this step
         requeued = stop.signum == signal.SIGUSR1 and requeue_slurm_job()
         log.warning("%s; %s", stop, "the SLURM job is requeued and continues with resume=auto" if requeued else
-                    f"continue with: python train.py run_name={cfg.run_name} resume=auto")
+                    f"continue with the same command and run_name={cfg.run_name} resume=auto")
         sys.exit(128 + stop.signum)
     except NonFiniteTrainingError as err:
         good = last_good_checkpoint(run_dir)

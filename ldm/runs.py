@@ -29,7 +29,7 @@ REFUSED = (
 )
 # Keys under these are how or where the run is launched, not what it trains; neither refused nor recorded.
 NOT_RECORDED = ("resume", "ckpt_path", "paths", "hydra", "logger", "callbacks", "run_name", "unet.pretrained",
-                "unet_pretrained", "trainer.enable_progress_bar", "trainer.devices", "trainer.num_nodes")
+                "unet_pretrained", "trainer.enable_progress_bar")
 
 
 def flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -379,3 +379,52 @@ def test_sigterm_under_ddp_saves_once_and_every_rank_exits(tmp_path):
     time.sleep(1.0)
     leftover = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout.split()
     assert not leftover, f"processes of the run still alive: {leftover}"
+
+
+# ------------------------------------------------------------------ continuing finished, moved or damaged runs
+
+@pytest.mark.parametrize("first", [3, 4])  # 3 batches per epoch: stop at an epoch's end, and one step into the next
+def test_continuing_a_finished_run_equals_one_longer_run(tmp_path, first):
+    """Train, then resume=auto with a larger max_steps (how a run is usually extended): the same samples, losses
+    and weights as one run of the total length, although Lightning closes its epoch when a run stops on max_steps."""
+    args = STAGE1 + ["module.lr_scheduler.T_max=50"]
+    _train(args + [f"trainer.max_steps={first}"], tmp_path / "extended")
+    _train(args + ["trainer.max_steps=7", "resume=auto"], tmp_path / "extended")
+    _train(args + ["trainer.max_steps=7"], tmp_path / "straight")
+    assert losses(tmp_path / "extended", "train/rec_loss") == losses(tmp_path / "straight", "train/rec_loss")
+    assert_same_state(load_torch_file(tmp_path / "extended" / "checkpoints" / "last.ckpt"),
+                      load_torch_file(tmp_path / "straight" / "checkpoints" / "last.ckpt"))
+
+
+def test_a_larger_batch_size_on_resume_continues_the_epoch_where_it_stopped(tmp_path):
+    """12 images: 2 steps of batch 2 use 4 of epoch 0; resumed with batch 4, two more steps use the other 8 (Lightning
+    alone would count the resumed epoch in batches of the old size and end it early)."""
+    run = tmp_path / "run"
+    _train(STAGE1 + ["batch_size=2", "trainer.max_steps=2"], run)
+    assert load_torch_file(run / "checkpoints" / "last.ckpt")["loops"]["fit_loop"]["state_dict"][
+        "combined_loader"][0] == {"epoch": 0, "consumed": 4, "batch_size": 2}
+    _train(STAGE1 + ["batch_size=4", "trainer.max_steps=4", "resume=auto"], run)
+    assert load_torch_file(run / "checkpoints" / "last.ckpt")["loops"]["fit_loop"]["state_dict"][
+        "combined_loader"][0] == {"epoch": 0, "consumed": 12, "batch_size": 4}
+
+
+def test_a_copied_run_folder_keeps_its_files_and_leaves_the_original_alone(tmp_path):
+    import shutil
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    _train(STAGE1 + ["trainer.max_steps=3"], original)  # validation at the epoch's end: best-0000003.ckpt
+    shutil.copytree(original, copy)
+    before = {p.name: p.read_bytes() for p in (original / "checkpoints").iterdir()}
+    _train(STAGE1 + ["trainer.max_steps=4", "resume=auto"], copy)
+    assert {p.name: p.read_bytes() for p in (original / "checkpoints").iterdir()} == before
+    assert (copy / "checkpoints" / "best-0000003.ckpt").is_file()
+    assert not list((copy / "checkpoints").glob("last-v*.ckpt"))
+
+
+def test_a_damaged_last_checkpoint_is_named_with_the_alternatives(tmp_path):
+    run = tmp_path / "run"
+    _train(STAGE1 + ["trainer.max_steps=3"], run)
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"last.ckpt cannot be read .* damaged.*best-0000003.ckpt"):
+        _train(STAGE1 + ["trainer.max_steps=6", "resume=auto"], run)

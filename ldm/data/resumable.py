@@ -40,7 +40,8 @@ class EpochShuffleSampler(Sampler[int]):
     resumed run would see another order than the uninterrupted run. Rank r of W takes positions r, r+W, ... of the
     permutation cut to a multiple of W (equal counts on every rank, as DDP needs; at most W-1 samples of an epoch
     left out). ``shuffle=False``: the identity order, split the same way (validation under DDP).
-    ``start``: samples of this rank's share to skip in the next pass (set by ``ResumableDataLoader``).
+    ``start``: samples of this rank's share to skip in the next pass. Under a ``ResumableDataLoader`` (``managed``)
+    the loader decides epoch and start, and Lightning's ``set_epoch`` calls are ignored.
     """
 
     def __init__(self, size: int, seed: int = 0, shuffle: bool = True) -> None:
@@ -49,9 +50,11 @@ class EpochShuffleSampler(Sampler[int]):
         self.shuffle = bool(shuffle)
         self.epoch = 0
         self.start = 0
+        self.managed = False
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        if not self.managed:
+            self.epoch = int(epoch)
 
     def _order(self) -> list[int]:
         rank, world = rank_and_world()
@@ -63,38 +66,40 @@ class EpochShuffleSampler(Sampler[int]):
         return order[: self.size // world * world][rank::world]
 
     def __iter__(self) -> Iterator[int]:
-        order = self._order()[self.start:]
-        self.start = 0  # one pass only: the following epochs start at their beginning
-        return iter(order)
+        return iter(self._order()[self.start:])
 
     def __len__(self) -> int:
         return self.size // rank_and_world()[1]
 
 
 class ResumableDataLoader(DataLoader):
-    """A train DataLoader whose position inside the epoch is part of every checkpoint (see module docstring).
+    """A train DataLoader that owns its place in the data: the pass (epoch) in progress and the samples of it the
+    training steps have used (see module docstring).
 
-    ``advance(n)`` is called once per training batch with the number of samples it held (by
-    the training-state callback of train.py); ``state_dict()`` is what Lightning stores under ``loops`` in the
-    checkpoint, and ``load_state_dict`` makes the next pass start after the consumed samples. With a map-style
-    dataset the sampler must be an ``EpochShuffleSampler``.
+    ``advance(n)`` is called once per training batch with the number of samples it held (by the training-state
+    callback of train.py); ``state_dict()`` is what Lightning stores in the checkpoint, and ``load_state_dict``
+    restores it. Every ``iter()`` continues the pass in progress after its used samples, or starts the next pass
+    when no full batch of it is left. The data sequence therefore does not depend on where Lightning's own epoch
+    counter stands after a resume (it closes an epoch when a run stops on ``max_steps``, and counts a resumed
+    epoch in batches of the old batch size). With a map-style dataset the sampler must be an
+    ``EpochShuffleSampler``.
     """
 
     def __init__(self, dataset: Any, *, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self.iterable = isinstance(dataset, IterableDataset)
-        if not self.iterable and not isinstance(self.sampler, EpochShuffleSampler):
-            raise TypeError("ResumableDataLoader needs an EpochShuffleSampler for a map-style dataset")
+        if not self.iterable:
+            if not isinstance(self.sampler, EpochShuffleSampler):
+                raise TypeError("ResumableDataLoader needs an EpochShuffleSampler for a map-style dataset")
+            self.sampler.managed = True
         self.seed = int(seed)
-        self.epoch = 0
-        self.consumed = 0  # samples of this epoch that training steps have used
-        self._skip = 0  # samples to skip at the start of the next pass (resume)
+        self.epoch = 0  # the pass in progress
+        self.consumed = 0  # samples of it that training steps have used
+        self._exhausted = False  # the pass's iterator ended (iterables without a length)
+        self._started = False
 
     def set_epoch(self, epoch: int) -> None:
-        if int(epoch) != self.epoch:
-            self.epoch, self.consumed = int(epoch), 0
-        if not self.iterable:
-            self.sampler.set_epoch(epoch)
+        """Ignored: the loader keeps its own pass count (Lightning's epoch may differ after a resume)."""
 
     def advance(self, samples: int) -> None:
         self.consumed += int(samples)
@@ -103,29 +108,37 @@ class ResumableDataLoader(DataLoader):
         return {"epoch": self.epoch, "consumed": self.consumed, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.consumed = self._skip = int(state["consumed"])
-        if not self.iterable:
-            self.sampler.set_epoch(self.epoch)
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self._started, self._exhausted = True, False
+
+    def _pass_done(self) -> bool:
+        try:
+            full = len(self) * self.batch_size  # samples per pass in whole batches (drop_last)
+        except TypeError:  # an iterable without a length
+            return self._exhausted
+        return self.consumed + self.batch_size > full
 
     def __iter__(self):
+        if self._started and self._pass_done():
+            self.epoch, self.consumed = self.epoch + 1, 0
+        self._started, self._exhausted = True, False
         if self.generator is not None:  # worker seeds: a function of (seed, epoch), not of earlier passes
             self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
-        skip, self._skip = self._skip, 0
         if not self.iterable:
-            self.sampler.start = skip
-            return super().__iter__()
-        return self._fast_forward(super().__iter__(), skip)
+            self.sampler.epoch, self.sampler.start = self.epoch, self.consumed
+            return self._until_exhausted(super().__iter__(), 0)
+        return self._until_exhausted(super().__iter__(), self.consumed)
 
-    def _fast_forward(self, batches, skip: int):
+    def _until_exhausted(self, batches, skip: int):
         dropped = 0
         for batch in batches:
-            if dropped < skip:
+            if dropped < skip:  # iterables: re-read and drop what the steps already used
                 dropped += _batch_len(batch)
                 continue
             yield batch
+        self._exhausted = True
 
 
 def _batch_len(batch: Any) -> int:

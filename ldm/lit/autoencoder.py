@@ -135,7 +135,8 @@ class AutoencoderModule(pl.LightningModule):
         do_step = (batch_idx + 1) % self.accumulate == 0
 
         noise = torch.Generator(device=x.device)
-        noise.manual_seed(hash((self.seed, self.global_rank, step, batch_idx)) % 2**63)
+        # keyed on the step and the micro-batch within it, not on Lightning's batch_idx, which a resume can shift
+        noise.manual_seed(hash((self.seed, self.global_rank, step, batch_idx % self.accumulate)) % 2**63)
 
         self.guard.begin_step(self)
         self.toggle_optimizer(opt_g)

@@ -145,7 +145,8 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self.guard.begin_step(self)
-        gen = self._generator(self.global_rank, self.global_step, batch_idx)
+        # keyed on the step and the micro-batch within it, not on Lightning's batch_idx, which a resume can shift
+        gen = self._generator(self.global_rank, self.global_step, batch_idx % self.accumulate)
         loss, logs = self._diffusion_loss(self.unet, batch, gen, self.p_uncond)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["mean"].shape[0])
         self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "loss"}, batch_size=batch["mean"].shape[0])

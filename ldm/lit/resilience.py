@@ -49,9 +49,10 @@ class NonFiniteTrainingError(RuntimeError):
 class TrainingInterrupted(Exception):
     """A handled signal arrived; ``last.ckpt`` holds the state at ``step``."""
 
-    def __init__(self, signum: int, step: int, path: str) -> None:
+    def __init__(self, signum: int, step: int, path: str | None) -> None:
         self.signum, self.step, self.path = signum, step, path
-        super().__init__(f"{signal.Signals(signum).name} received: saved {path} at step {step}")
+        done = f"saved {path} at step {step}" if path else f"stopped before training (step {step}): nothing to save"
+        super().__init__(f"{signal.Signals(signum).name} received: {done}")
 
 
 # ------------------------------------------------------------------------------------------------ bad steps
@@ -76,12 +77,15 @@ class StepGuard:
 
     ``check`` is called right before ``optimizer.step`` (Lightning's ``on_before_optimizer_step``); when the
     gradients are not finite it sets them to ``None``, which makes ``torch.optim`` skip every parameter (no
-    moment, step-count or weight-decay update). ``end_step`` closes a training step (several updates with a GAN)
-    and raises ``NonFiniteTrainingError`` after ``max_consecutive`` bad steps in a row (0: never).
+    moment, step-count or weight-decay update). ``end_step`` closes a training step and raises
+    ``NonFiniteTrainingError`` after ``max_consecutive`` bad steps in a row (0: never). With a GAN (stage 1) each
+    optimizer's update is decided on its own: the generator steps before the discriminator's loss exists (as the
+    AMP scaler requires), so a bad discriminator update cannot take back a good generator update; the step counts
+    as bad when any of its updates was skipped.
 
     Forward passes in training mode also change state outside the optimizer: BatchNorm running statistics (the
-    PatchGAN's). ``begin_step`` keeps a copy of those buffers and ``end_step`` puts them back after a bad step, so a
-    skipped step leaves no trace in the weights a checkpoint holds.
+    PatchGAN's). ``begin_step`` keeps a copy of those buffers and ``end_step`` puts back those of modules whose
+    update was skipped, so a skipped update leaves no trace in the weights a checkpoint holds.
     """
 
     def __init__(self, max_consecutive: int = 20) -> None:
@@ -90,14 +94,14 @@ class StepGuard:
         self.in_a_row = 0
         self.step_ok = True  # all updates of the current step were applied
         self.last_ok = True  # the latest update was applied
-        self._buffers: list[tuple[Tensor, Tensor]] | None = None
+        self._buffers: list[tuple[set[int], list[tuple[Tensor, Tensor]]]] | None = None
+        self._skipped: set[int] = set()  # ids of the parameters whose update was skipped this step
 
     def begin_step(self, module: torch.nn.Module) -> None:
         """Call before the first forward pass of a training step (once per accumulation window)."""
         if self._buffers is None:
-            self._buffers = [(b, b.detach().clone()) for m in module.modules()
-                             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                             for b in m.buffers(recurse=False)]
+            self._buffers = [({id(p) for p in m.parameters()}, [(b, b.detach().clone()) for b in m.buffers()])
+                             for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
     def check(self, optimizer: torch.optim.Optimizer, clip: float | None) -> bool:
         params = [p for p in optimizer_params(optimizer) if p.grad is not None]
@@ -112,6 +116,7 @@ class StepGuard:
         if not self.last_ok:
             for p in params:
                 p.grad = None
+            self._skipped |= {id(p) for p in params}
             self.step_ok = False
         return self.last_ok
 
@@ -121,13 +126,15 @@ class StepGuard:
             self.in_a_row = 0
         else:
             with torch.no_grad():
-                for live, saved in buffers:
-                    live.copy_(saved)
+                for owners, saved in buffers:
+                    if owners & self._skipped:
+                        for live, copy in saved:
+                            live.copy_(copy)
             self.total += 1
             self.in_a_row += 1
             log.warning("step %d: non-finite loss or gradients; the update was skipped (%d in a row, %d in all)",
                         step, self.in_a_row, self.total)
-        self.step_ok = True
+        self.step_ok, self._skipped = True, set()
         if self.max_consecutive and self.in_a_row >= self.max_consecutive:
             raise NonFiniteTrainingError(step, self.in_a_row, self.total)
 
@@ -191,7 +198,8 @@ class TrainingState(pl.Callback):
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
-    # signals: installed once training starts (Lightning registers its own handlers just before)
+    # Signals: ``install`` before ``trainer.fit`` (so none is lost while models load and the sanity check runs),
+    # and again once training starts, over the handlers Lightning registers in between.
     def _handler(self, signum: int, frame: Any) -> None:
         if self.received is not None and signum == signal.SIGINT:  # a second Ctrl+C: stop now, no save
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -199,20 +207,25 @@ class TrainingState(pl.Callback):
         self.received = signum
         log.warning("%s received: saving at the end of this step, then stopping", signal.Signals(signum).name)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in self.signals:
-            self._previous[signum] = signal.signal(signum, self._handler)
+            previous = signal.signal(signum, self._handler)
+            self._previous.setdefault(signum, previous)  # the handlers from before ldm, restored by uninstall
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def uninstall(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for loader in _resumable(trainer):
-            loader.set_epoch(trainer.current_epoch)
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.received:  # arrived while loading or in the sanity check: nothing trained yet, nothing to save
+            raise TrainingInterrupted(self.received, trainer.global_step, None)
+        self.install()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.uninstall()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -297,15 +310,27 @@ class FiniteModelCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.dirpath is None:
+            super().load_state_dict(state_dict)
+            return
+        # The stored paths are absolute; a run folder that was moved or copied must keep using its own files, so
+        # every stored file is taken by name from this run's checkpoint folder.
+        here = Path(self.dirpath)
+
+        def local(path: Any) -> Any:
+            return str(here / Path(path).name) if path else path
+
+        state_dict = dict(state_dict, dirpath=self.dirpath, best_model_path=local(state_dict.get("best_model_path")),
+                          kth_best_model_path=local(state_dict.get("kth_best_model_path")),
+                          last_model_path=local(state_dict.get("last_model_path")),
+                          best_k_models={local(k): v for k, v in (state_dict.get("best_k_models") or {}).items()})
         super().load_state_dict(state_dict)
-        if self.dirpath is None or not self.filename or not Path(self.dirpath).is_dir():
+        prefix = str(self.filename or "").split("{", 1)[0]
+        if not prefix or not here.is_dir():
             return
-        prefix = str(self.filename).split("{", 1)[0]
-        if not prefix:
-            return
-        known = {Path(p).resolve() for p in self.best_k_models} | {Path(self.best_model_path).resolve()}
-        for path in Path(self.dirpath).glob(f"{prefix}*{self.FILE_EXTENSION}"):
-            if path.resolve() not in known:
+        known = {Path(p).name for p in self.best_k_models} | {Path(self.best_model_path).name}
+        for path in here.glob(f"{prefix}*{self.FILE_EXTENSION}"):
+            if path.name not in known:
                 log.info("removing %s: written after the checkpoint this run resumes from", path.name)
                 path.unlink(missing_ok=True)
 
