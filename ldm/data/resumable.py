@@ -40,8 +40,9 @@ class EpochShuffleSampler(Sampler[int]):
     resumed run would see another order than the uninterrupted run. Rank r of W takes positions r, r+W, ... of the
     permutation cut to a multiple of W (equal counts on every rank, as DDP needs; at most W-1 samples of an epoch
     left out). ``shuffle=False``: the identity order, split the same way (validation under DDP).
-    ``start``: samples of this rank's share to skip in the next pass. Under a ``ResumableDataLoader`` (``managed``)
-    the loader decides epoch and start, and Lightning's ``set_epoch`` calls are ignored.
+    ``start``: samples of this rank's share to skip in the next pass. A ``ResumableDataLoader`` sets ``plan`` =
+    (epoch, start) for the pass it begins, which wins over ``set_epoch`` calls made before the pass reads its
+    order (Lightning sets its own epoch number between creating the iterator and the first batch).
     """
 
     def __init__(self, size: int, seed: int = 0, shuffle: bool = True) -> None:
@@ -50,23 +51,24 @@ class EpochShuffleSampler(Sampler[int]):
         self.shuffle = bool(shuffle)
         self.epoch = 0
         self.start = 0
-        self.managed = False
+        self.plan: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        if not self.managed:
-            self.epoch = int(epoch)
+        self.epoch = int(epoch)
 
-    def _order(self) -> list[int]:
+    def _order(self, epoch: int) -> list[int]:
         rank, world = rank_and_world()
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
         return order[: self.size // world * world][rank::world]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._order()[self.start:])
+        epoch, start = self.plan if self.plan is not None else (self.epoch, self.start)
+        self.plan = None
+        return iter(self._order(epoch)[start:])
 
     def __len__(self) -> int:
         return self.size // rank_and_world()[1]
@@ -91,7 +93,6 @@ class ResumableDataLoader(DataLoader):
         if not self.iterable:
             if not isinstance(self.sampler, EpochShuffleSampler):
                 raise TypeError("ResumableDataLoader needs an EpochShuffleSampler for a map-style dataset")
-            self.sampler.managed = True
         self.seed = int(seed)
         self.epoch = 0  # the pass in progress
         self.consumed = 0  # samples of it that training steps have used
@@ -127,7 +128,7 @@ class ResumableDataLoader(DataLoader):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
         if not self.iterable:
-            self.sampler.epoch, self.sampler.start = self.epoch, self.consumed
+            self.sampler.plan = (self.epoch, self.consumed)
             return self._until_exhausted(super().__iter__(), 0)
         return self._until_exhausted(super().__iter__(), self.consumed)
 
