@@ -136,13 +136,15 @@ class ResumableDataLoader(DataLoader):
         dropped = 0
         for batch in batches:
             if dropped < skip:  # iterables: re-read and drop what the steps already used
-                dropped += _batch_len(batch)
+                dropped += batch_len(batch)
                 continue
             yield batch
         self._exhausted = True
 
 
-def _batch_len(batch: Any) -> int:
-    if isinstance(batch, dict):
-        batch = next(iter(batch.values()))
+def batch_len(batch: Any) -> int:
+    """Samples in a batch of ours (stage 1: ``image``, stage 2: ``mean``), or ``len`` of anything else."""
+    for key in ("image", "mean"):
+        if isinstance(batch, dict) and key in batch:
+            return int(batch[key].shape[0])
     return len(batch)

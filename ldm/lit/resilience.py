@@ -30,7 +30,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor
 
-from ldm.data.resumable import ResumableDataLoader
+from ldm.data.resumable import ResumableDataLoader, batch_len
 
 log = logging.getLogger("ldm.train")
 
@@ -230,7 +230,7 @@ class TrainingState(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         for loader in _resumable(trainer):
-            loader.advance(_batch_len(batch))
+            loader.advance(batch_len(batch))
         accumulate = int(getattr(pl_module, "accumulate", trainer.accumulate_grad_batches))
         if (batch_idx + 1) % accumulate:
             return  # never stop between the micro-batches of one optimizer step
@@ -253,13 +253,6 @@ def _resumable(trainer: pl.Trainer) -> list[ResumableDataLoader]:
     loaders = trainer.train_dataloader
     loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
     return [dl for dl in loaders if isinstance(dl, ResumableDataLoader)]
-
-
-def _batch_len(batch: Any) -> int:
-    for key in ("image", "mean"):
-        if isinstance(batch, dict) and key in batch:
-            return int(batch[key].shape[0])
-    return len(batch)
 
 
 def requeue_slurm_job() -> bool:
