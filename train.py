@@ -22,6 +22,8 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.plugins.environments import SLURMEnvironment
@@ -34,11 +36,12 @@ from ldm.data.latent_format import autoencoder_identity, check_cache_compatible,
 from ldm.data.latents import channel_spread_problem
 from ldm.distributed import resolve_device
 from ldm.export import load_unet, pretrained_source, read_any
-from ldm.lit.callbacks import AtomicCheckpointIO
+from ldm.lit.callbacks import AtomicCheckpointIO, MonitorHistory
 from ldm.lit.resilience import (
     NonFiniteTrainingError,
     TrainingInterrupted,
     TrainingState,
+    hand_on_to_submitit,
     remove_stale_temporaries,
     requeue_slurm_job,
 )
@@ -52,6 +55,7 @@ from ldm.runs import (
     last_good_checkpoint,
     refuse_changes,
 )
+from ldm.sweeps import objective_value, write_job_result
 
 log = logging.getLogger("ldm.train")
 
@@ -136,14 +140,22 @@ def _autoencoder_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def in_sweep() -> bool:
+    """A job of a multirun (``-m``, ``hparams_search=``, a launcher such as SLURM)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint to continue from: ``ckpt_path``, or with ``resume=auto`` the run folder's ``last.ckpt``. A
+    sweep job resumes its own folder by default: one that holds a checkpoint is a requeued attempt of the job."""
     if cfg.ckpt_path is not None:
         return str(cfg.ckpt_path)
     last = run_dir / "checkpoints" / "last.ckpt"
-    if cfg.resume == "auto" and last.is_file():
+    auto = cfg.resume == "auto" or (cfg.resume is None and in_sweep())
+    if auto and last.is_file():
         log.info("resume=auto: continuing from %s", last)
         return str(last)
-    if cfg.resume == "auto":
+    if auto:
         log.info("resume=auto: no %s yet, starting a new run", last)
     return None
 
@@ -159,7 +171,10 @@ def one_spelling(cfg: DictConfig) -> None:
             OmegaConf.update(cfg, older, None)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(cfg: DictConfig, outcome: dict | None = None) -> dict[str, float]:
+    """Fit the configured stage; returns the final logged metrics. ``outcome`` (optional) receives the trainer and
+    the monitored metric's history as soon as they exist, for the job's ``result.json`` even when fit fails."""
+    outcome = {} if outcome is None else outcome
     check_config(cfg)
     if cfg.stage_name == "ldm":
         one_spelling(cfg)
@@ -172,7 +187,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resume_path(cfg, run_dir)
     check_run_folder(run_dir, ckpt_path)  # a run folder belongs to one run
     remove_stale_temporaries(run_dir / "checkpoints")
-    history = resumed_history(ckpt_path, config)  # refuses architecture / data changes before any work
+    # refuses architecture / data changes before any work (in a sweep's implicit resume: any change)
+    history = resumed_history(ckpt_path, config, same_run=cfg.resume is None and cfg.ckpt_path is None)
 
     build = build_ldm_stage if cfg.stage_name == "ldm" else build_autoencoder_stage
     module, data = build(cfg, config)
@@ -182,11 +198,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]  # null: switched off
     state = TrainingState(run_dir / "checkpoints")  # data position, signals
-    callbacks.append(state)
+    outcome["monitor"] = MonitorHistory(cfg.monitor)  # the sweeper's objective, kept across resumes
+    callbacks += [state, outcome["monitor"]]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     # on SLURM, SIGUSR1 is ours (save, then requeue), not Lightning's (which saves elsewhere, mid-step)
     plugins = [AtomicCheckpointIO()] + ([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    outcome["trainer"] = trainer
     log.info("run directory: %s", run_dir)
     log.info("data: %s", data.describe())
     state.install()
@@ -207,9 +225,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
-def resumed_history(ckpt_path: str | None, config: dict) -> list[dict]:
+def resumed_history(ckpt_path: str | None, config: dict, same_run: bool = False) -> list[dict]:
     """The configs this run was trained under, ending with ``config``. On resume, a changed architecture or data
-    is refused (naming the keys); changed optimisation settings are applied, logged and recorded."""
+    is refused (naming the keys); changed optimisation settings are applied, logged and recorded. ``same_run``
+    (a sweep job finding a checkpoint in its folder): any change is refused, the folder holds another run."""
     if ckpt_path is None:
         return [{"step": 0, "config": config, "time": None}]
     stored = read_resume_checkpoint(Path(ckpt_path))
@@ -219,6 +238,10 @@ def resumed_history(ckpt_path: str | None, config: dict) -> list[dict]:
                          "continues runs of train.py; start from other weights with autoencoder.pretrained / "
                          "unet.pretrained")
     refused, applied = config_changes(meta["config"], config)
+    if same_run and (refused or applied):
+        raise ValueError(f"this sweep job's folder holds a checkpoint of another run ({ckpt_path}; it differs in "
+                         f"{', '.join(sorted({**refused, **applied}))}). A sweep job only resumes itself: start the "
+                         "sweep in a new folder (hydra.sweep.dir=...), or give resume=auto to continue it anyway")
     refuse_changes(refused, ckpt_path)
     if applied:
         log.warning("resuming with changed settings (applied from step %d, recorded in the checkpoint's "
@@ -374,22 +397,58 @@ def write_latent_stats(cfg: DictConfig, trainer: pl.Trainer, data, run_dir: Path
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    run_dir = Path(cfg.paths.output_dir)
+    """Train; return the objective for Hydra sweepers (None when the run failed: a failed trial, the sweep goes
+    on). Every run leaves ``result.json`` in its folder, the row of a sweep's summary table."""
+    run_dir, outcome = Path(cfg.paths.output_dir), {}
     try:
-        metrics = train(cfg)
-    except TrainingInterrupted as stop:  # SIGTERM / SIGINT / SIGUSR1: saved at this step
+        metrics = train(cfg, outcome)
+    except TrainingInterrupted as stop:  # SIGTERM / SIGINT / SIGUSR1 (SIGUSR2 under submitit): saved at this step
+        record_job(cfg, run_dir, outcome, "interrupted", error=str(stop))
+        hand_on_to_submitit(stop.signum)  # a submitit job: its handler requeues it (and exits)
         requeued = stop.signum == signal.SIGUSR1 and requeue_slurm_job()
         log.warning("%s; %s", stop, "the SLURM job is requeued and continues with resume=auto" if requeued else
                     f"continue with the same command and run_name={cfg.run_name} resume=auto")
         sys.exit(128 + stop.signum)
     except NonFiniteTrainingError as err:
         good = last_good_checkpoint(run_dir)
-        sys.exit(f"training stopped: {err}. The last good checkpoint is "
-                 f"{good if good is not None else 'none (no checkpoint was written before)'}; resume it with "
-                 f"run_name={cfg.run_name} resume=auto and e.g. a lower learning rate, or raise "
-                 "module.max_consecutive_skips")
-    # Returned for Hydra sweepers (hparams_search): the checkpoint metric of the run.
-    return metrics.get(cfg.monitor)
+        message = (f"training stopped: {err}. The last good checkpoint is "
+                   f"{good if good is not None else 'none (no checkpoint was written before)'}; resume it with "
+                   f"run_name={cfg.run_name} resume=auto and e.g. a lower learning rate, or raise "
+                   "module.max_consecutive_skips")
+        record_job(cfg, run_dir, outcome, "non-finite", error=message)
+        if not in_sweep():
+            sys.exit(message)
+        log.error("%s\nthis sweep job failed; the sweep goes on", message)
+        return None
+    except Exception as err:
+        record_job(cfg, run_dir, outcome, "failed", error=f"{type(err).__name__}: {err}")
+        if not in_sweep():
+            raise
+        log.exception("this sweep job failed; the sweep goes on")
+        return None
+    return record_job(cfg, run_dir, outcome, "completed", metrics=metrics)
+
+
+def record_job(cfg: DictConfig, run_dir: Path, outcome: dict, status: str, metrics: dict | None = None,
+               error: str | None = None) -> float | None:
+    """Write the run's ``result.json`` (rank 0); returns its objective (``objective=best|last`` of ``monitor``)."""
+    monitor, trainer = outcome.get("monitor"), outcome.get("trainer")
+    values = monitor.values if monitor is not None else []
+    objective = objective_value(values, str(cfg.objective)) if status == "completed" else None
+    if status == "completed" and objective is None:
+        log.warning("no finite validation value of monitor=%s: the sweeper gets no objective", cfg.monitor)
+    if trainer is not None and not trainer.is_global_zero:
+        return objective
+    ckpt = trainer.checkpoint_callback if trainer is not None else None
+    last = run_dir / "checkpoints" / "last.ckpt"
+    write_job_result(
+        run_dir, status=status, objective=objective, objective_mode=str(cfg.objective), monitor=cfg.monitor,
+        monitor_values=values, step=trainer.global_step if trainer is not None else None,
+        train_time_s=monitor.seconds if monitor is not None else None,
+        attempts=monitor.attempts if monitor is not None else 0,
+        metrics={k: float(v) for k, v in (metrics or getattr(trainer, "callback_metrics", {})).items()}, error=error,
+        best_checkpoint=getattr(ckpt, "best_model_path", "") or "", last_checkpoint=str(last) if last.is_file() else "")
+    return objective
 
 
 if __name__ == "__main__":

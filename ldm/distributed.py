@@ -1,7 +1,7 @@
 """Ranks outside Lightning (the latent cache, evaluation): which device a rank uses, barriers, and gathering
 per-rank rows onto every rank.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) the default process group is initialised here (nccl on CUDA, gloo on
+Under ``torchrun`` (``WORLD_SIZE`` > 1), or ``srun`` with several tasks (``adopt_slurm_ranks``), the default process group is initialised here (nccl on CUDA, gloo on
 the CPU) with a long timeout, because ranks wait for each other across long steps (rank 0 alone computes
 reference statistics once per dataset), and left initialised: Lightning reuses an existing group. In a single process every function is a no-op or the identity.
 """
@@ -9,6 +9,7 @@ reference statistics once per dataset), and left initialised: Lightning reuses a
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -29,8 +30,31 @@ def rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
+def adopt_slurm_ranks() -> None:
+    """Under ``srun`` with several tasks and no torchrun, set torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR = the step's first node, MASTER_PORT from the job id) from SLURM's, as Lightning's SLURM environment
+    does for train.py: ``srun python -m ldm.cache ...`` then runs one rank per task on every node."""
+    env = os.environ
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1"))  # set by srun only (not in the batch script itself)
+    if "RANK" in env or tasks < 2 or "SLURM_PROCID" not in env:
+        return
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+    env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")))
+    env.setdefault("MASTER_PORT", str(12000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[07-09,12],cpu1`` -> ``gpu07``; empty -> ``127.0.0.1``."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        return "127.0.0.1"
+    prefix, ranges = match.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """``auto`` = cuda:LOCAL_RANK when CUDA is available, else cpu; ``cuda`` gets this rank's index."""
+    adopt_slurm_ranks()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if str(name) == "auto":
         return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
@@ -41,7 +65,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the torchrun process group when launched by torchrun (idempotent); returns (rank, world)."""
+    """Join the process group when launched by torchrun or srun (idempotent); returns (rank, world)."""
+    adopt_slurm_ranks()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():

@@ -4,6 +4,8 @@
     python -m ldm.report results.csv --x f --y rfid --group extractor    # e.g. rFID vs downsampling factor
     python -m ldm.report results.csv --y psnr --where task=recon --where data=shapes,emoji --out report/
 
+    python -m ldm.report sweep multirun/autoencoder/2026-12-06/10-00-00   # a sweep's table (ldm.sweeps)
+
 Writes ``<out>/<csv stem>.md`` and ``<out>/<y>_vs_<x>.png`` (``--out`` defaults to the CSV's folder). The
 markdown has two tables: a summary with one row per group and one column per x value (repeated runs at the
 same point averaged, "mean ± std (n=k)"), then every selected CSV row. Rows whose x or y is missing or not a
@@ -217,7 +219,13 @@ def report(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ldm.report", description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"]:
+        from ldm.sweeps import main as sweep_main
+
+        return sweep_main(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m ldm.report", description=__doc__.split("\n\n")[0],
+                                epilog="python -m ldm.report sweep <sweep dir> --help: the summary table of a sweep")
     p.add_argument("csv", help="results CSV written by evaluate.py")
     p.add_argument("--x", default="steps", help="column on the x axis (default: steps)")
     p.add_argument("--y", default="fid", help="column on the y axis (default: fid)")

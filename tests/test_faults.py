@@ -201,8 +201,9 @@ def test_signal_saves_at_the_current_step_and_exits_128_plus_signal(tmp_path, si
     assert f"{signal.Signals(sig).name} received" in err and "resume=auto" in err
     assert not list(last.parent.glob(".*.tmp"))
     position = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-    # samples of the current epoch used by training steps (3 batches of 4 per epoch)
-    assert position["consumed"] == ((ckpt["global_step"] - 1) % 3 + 1) * 4, position
+    # every sample the training steps used (3 batches of 4 per pass; at a pass's end the position may read as the
+    # end of that pass or the start of the next)
+    assert position["epoch"] * 12 + position["consumed"] == ckpt["global_step"] * 4, position
     if sig == signal.SIGUSR1:
         assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
         assert "requeued" in err
@@ -373,9 +374,9 @@ def test_sigterm_under_ddp_saves_once_and_every_rank_exits(tmp_path):
     assert proc.returncode == 143, err[-3000:]
     ckpt = load_torch_file(last)
     assert ckpt["global_step"] > saved_at
-    # 16 images over 2 ranks, batch 4: 2 batches per rank and epoch
-    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["consumed"] == \
-        ((ckpt["global_step"] - 1) % 2 + 1) * 4
+    # 16 images over 2 ranks, batch 4: 2 batches (8 samples) per rank and pass; every step used 4 samples per rank
+    position = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert position["epoch"] * 8 + position["consumed"] == ckpt["global_step"] * 4
     time.sleep(1.0)
     leftover = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout.split()
     assert not leftover, f"processes of the run still alive: {leftover}"

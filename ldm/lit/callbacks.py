@@ -1,8 +1,10 @@
-"""Lightning callbacks and plugins: image grids, atomic checkpoint writes, a DDP consistency check."""
+"""Lightning callbacks and plugins: image grids, atomic checkpoint writes, a DDP consistency check, the history
+of the monitored metric."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +180,41 @@ class Throughput(pl.Callback):
         }
         self.dirpath.mkdir(parents=True, exist_ok=True)
         (self.dirpath / "perf.json").write_text(json.dumps(summary, indent=2))
+
+
+class MonitorHistory(pl.Callback):
+    """Every validation's value of the monitored metric, and the training time, kept in the checkpoints so a
+    resumed or requeued run still knows its whole history. ``train.py`` reads it for a sweeper's objective
+    (``ldm.sweeps.objective_value``) and the job's ``result.json``."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self.values: list[tuple[int, float]] = []  # (global step, value)
+        self._seconds_before = 0.0  # training time of earlier attempts (resumed runs)
+        self._started: float | None = None
+        self.attempts = 0  # times training started: 1 + resumes (requeues)
+
+    @property
+    def seconds(self) -> float:
+        return self._seconds_before + (time.monotonic() - self._started if self._started is not None else 0.0)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.monotonic()
+        self.attempts += 1
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None:
+            return
+        step = int(trainer.global_step)
+        self.values = [(s, v) for s, v in self.values if s != step] + [(step, float(value))]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"monitor": self.monitor, "values": [list(v) for v in self.values], "seconds": self.seconds,
+                "attempts": self.attempts}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("monitor") == self.monitor:  # another metric's values would mean nothing here
+            self.values = [(int(s), float(v)) for s, v in state_dict.get("values", [])]
+        self._seconds_before = float(state_dict.get("seconds", 0.0))
+        self.attempts += int(state_dict.get("attempts", 0))

@@ -173,8 +173,10 @@ class LatentDiffusionModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # the same noise, timesteps and posterior draws at every validation, and no condition dropout
         gen = self._generator(-1, batch_idx, self.global_rank)
-        loss, _ = self._diffusion_loss(self.sampling_unet(), batch, gen, p_uncond=0.0)
+        loss, logs = self._diffusion_loss(self.sampling_unet(), batch, gen, p_uncond=0.0)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["mean"].shape[0])
+        # the same quantity for every objective / weighting: what a sweep over them compares (hparams_search)
+        self.log("val/eps_mse", logs["eps_mse"], sync_dist=True, batch_size=batch["mean"].shape[0])
 
     # ------------------------------------------------------------------------------------------- sampling
     def sampling_unet(self) -> nn.Module:

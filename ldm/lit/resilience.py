@@ -5,8 +5,9 @@ resumed optimisation settings, and checkpoints that never hold non-finite number
   under 16-mixed the scaler backs off as usual), counted in ``train/skipped_steps``; after
   ``max_consecutive`` bad steps in a row the run stops with ``NonFiniteTrainingError``.
 - ``TrainingState`` (callback): advances the train loader's position after every batch, and turns SIGTERM,
-  SIGINT and SIGUSR1 into "save ``last.ckpt`` at this step, then stop" (``TrainingInterrupted``; train.py exits
-  with 128 + signal and, for SIGUSR1 on SLURM, requeues the job).
+  SIGINT and SIGUSR1 (and a submitit job's SIGUSR2) into "save ``last.ckpt`` at this step, then stop"
+  (``TrainingInterrupted``; train.py exits with 128 + signal; for SIGUSR1 on SLURM it requeues the job, for
+  submitit's signal submitit does, ``hand_on_to_submitit``).
 - ``restart_optimisation``: on resume, the optimizers take the hyperparameters of the *new* config and the LR
   schedules are rebuilt and fast-forwarded to the resumed step (so a larger ``max_steps`` stretches a cosine).
 - ``FiniteModelCheckpoint``: a NaN/inf monitor value is never "best"; ``best-*`` files that the resumed state
@@ -35,6 +36,27 @@ from ldm.data.resumable import ResumableDataLoader, batch_len
 log = logging.getLogger("ldm.train")
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def submitit_signal() -> int | None:
+    """The signal a submitit job gets before its time limit or on pre-emption (SIGUSR2 unless
+    ``SUBMITIT_PREEMPT_SIGNAL`` names another); None outside submitit jobs."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+
+
+def hand_on_to_submitit(signum: int) -> None:
+    """After the save, give submitit's signal to the handler submitit installed before ldm's (restored when
+    training ends): it re-submits the same job (a requeue on SLURM, a restart under the local executor) and exits.
+    The new attempt finds ``last.ckpt`` in its folder and continues (a sweep job resumes its own folder)."""
+    if signum != submitit_signal():
+        return
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        log.warning("handing %s on to submitit: the job is requeued and continues from last.ckpt",
+                    signal.Signals(signum).name)
+        handler(signum, None)
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -192,9 +214,10 @@ def restart_optimisation(module: pl.LightningModule, factories: Iterable[Callabl
 class TrainingState(pl.Callback):
     """Data position and signals (module docstring). One per run; train.py adds it."""
 
-    def __init__(self, checkpoint_dir: str | os.PathLike, signals: Iterable[int] = HANDLED_SIGNALS) -> None:
+    def __init__(self, checkpoint_dir: str | os.PathLike, signals: Iterable[int] | None = None) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
-        self.signals = tuple(signals)
+        extra = submitit_signal()  # a submitit job's pre-emption signal: save first, then submitit requeues
+        self.signals = tuple(signals) if signals is not None else HANDLED_SIGNALS + ((extra,) if extra else ())
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -231,12 +254,21 @@ class TrainingState(pl.Callback):
                            batch_idx: int) -> None:
         for loader in _resumable(trainer):
             loader.advance(batch_len(batch))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # Stop before a batch, not after one: the previous batch is complete with its validation and checkpoint
+        # (a stop after a batch would skip the validation due at that step, which the resumed run never makes up).
         accumulate = int(getattr(pl_module, "accumulate", trainer.accumulate_grad_batches))
-        if (batch_idx + 1) % accumulate:
+        if batch_idx % accumulate:
             return  # never stop between the micro-batches of one optimizer step
         signum = self._agreed_signal(trainer, pl_module)
         if signum:
             path = self.checkpoint_dir / "last.ckpt"
+            # Lightning counts this batch as fetched ("ready"): saved as of the end of the previous batch, the state
+            # a resumed run continues from (its batch counter, which places validations, then matches global_step)
+            progress = trainer.fit_loop.epoch_loop.batch_progress
+            progress.total.ready, progress.current.ready = progress.total.completed, progress.current.completed
             trainer.save_checkpoint(path, weights_only=False)  # the full state: resumable
             raise TrainingInterrupted(signum, trainer.global_step, str(path))
 

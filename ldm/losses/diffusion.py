@@ -15,6 +15,7 @@ from ldm.diffusion.objectives import (
     loss_weight,
     q_sample,
     sample_noise,
+    to_eps,
     training_target,
 )
 from ldm.diffusion.schedules import make_alphas_cumprod, snr
@@ -88,7 +89,8 @@ class DiffusionLoss(nn.Module):
 
         Returns:
             ``loss``: scalar float32, mean over the batch of ``weight(t) * mean((out - target)^2)``;
-            ``logs``: detached scalars ``{"loss", "loss_uniform" (the unweighted MSE)}``.
+            ``logs``: detached scalars ``{"loss", "loss_uniform" (the unweighted MSE), "eps_mse" (the MSE of the
+            noise estimate the output implies, whatever the objective)}``.
         """
         if x0.ndim < 1 or x0.shape[0] == 0:
             raise ValueError(f"x0 must be a non-empty batch [B, ...], got shape {tuple(x0.shape)}")
@@ -113,7 +115,10 @@ class DiffusionLoss(nn.Module):
         mse = (out.float() - target.float()).pow(2).reshape(batch, -1).mean(dim=1)
         weight = loss_weight(self.objective, snr(ab), self.weighting, self.min_snr_gamma).float()
         loss = (weight * mse).mean()
-        logs = {"loss": loss.detach(), "loss_uniform": mse.mean().detach()}
+        with torch.no_grad():  # comparable across objectives and weightings (e.g. in a sweep): the noise-space MSE
+            eps_mse = mse if self.objective == "eps" else (
+                to_eps(self.objective, x_t, out.detach(), ab).float() - noise.float()).pow(2).reshape(batch, -1).mean(1)
+        logs = {"loss": loss.detach(), "loss_uniform": mse.mean().detach(), "eps_mse": eps_mse.mean().detach()}
         return loss, logs
 
     def extra_repr(self) -> str:

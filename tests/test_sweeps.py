@@ -1,0 +1,358 @@
+"""Sweeps and clusters on real train.py runs (CPU, tiny models): the objective a sweeper gets, Optuna trials and
+their storage, the per-sweep summary table, failed jobs that do not stop a sweep, submitit jobs signalled and
+requeued mid-run, and multi-node runs through torchrun (and srun's variables) on localhost.
+
+What stands in for a cluster: submitit's local executor runs each job as its own process tree exactly as on SLURM
+(the same pickled job, the same signal handler, the same requeue path; only ``scontrol requeue`` is replaced by the
+local controller restarting the job), and two torchrun launchers on localhost stand in for two nodes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from helpers import TINY_RUN, compose_entry, compose_train, free_port, run_entry
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+import train
+from ldm.checkpoint import load_torch_file
+from ldm.data.latent_format import read_manifest
+from ldm.data.latents import LatentMemoryDataset
+from ldm.diffusion.objectives import training_target
+from ldm.distributed import first_host
+from ldm.losses.diffusion import DiffusionLoss
+from ldm.sweeps import objective_value, summarise
+
+ROOT = Path(__file__).resolve().parents[1]
+# a stage-1 run of a few seconds: 16 images, batch 4, validation (one batch) every 2 steps
+JOB = [*TINY_RUN, "trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=2", "trainer.max_steps=6",
+       "callbacks.throughput=null", "trainer.deterministic=true", "loss.disc_start=2", "data.dataset.size=16"]
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def logged_values(job: Path, key: str) -> list[float]:
+    """Every value of ``key`` that Lightning's CSV logger wrote for the job (all versions: a resume adds one)."""
+    values = []
+    for path in sorted((job / "csv").glob("version_*/metrics.csv")):
+        values += [float(r[key]) for r in read_csv(path) if r.get(key)]
+    return values
+
+
+# ------------------------------------------------------------------------------------------------ objective
+
+def test_objective_is_the_best_or_last_finite_value():
+    values = [(2, 0.5), (4, 0.3), (6, 0.4)]
+    assert objective_value(values, "best") == 0.3 and objective_value(values, "last") == 0.4
+    assert objective_value([(2, 0.5), (4, math.nan)], "best") == 0.5
+    assert objective_value([(2, 0.5), (4, math.inf)], "last") is None  # a diverged end is not a result
+    assert objective_value([], "best") is None
+    with pytest.raises(ValueError, match="objective='mean'"):
+        objective_value(values, "mean")
+
+
+@pytest.mark.parametrize("objective", ["eps", "v", "x0"])
+def test_eps_mse_is_comparable_across_objectives(objective):
+    """val/eps_mse (what the stage-2 sweep ranks) is 0 for a model that predicts its target exactly, whatever the
+    target, and equals the plain MSE of a noise estimate: the same quantity for eps, v and x0 models."""
+    loss = DiffusionLoss(objective=objective)
+    x0 = torch.randn(6, 4, 8, 8, dtype=torch.float64)
+
+    def exact(x_t, t):  # recovers the target from x_t and t: the noise is x_t's only unknown
+        ab = loss.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noise = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return training_target(objective, x0, noise, loss.alphas_cumprod[t])
+
+    _, logs = loss(exact, x0.float(), generator=torch.Generator().manual_seed(0))
+    assert float(logs["eps_mse"]) < 1e-3
+    _, logs = loss(lambda x_t, t: torch.zeros_like(x_t), x0.float(), generator=torch.Generator().manual_seed(1))
+    if objective == "eps":  # predicting zero noise: the MSE is the noise's variance
+        assert abs(float(logs["eps_mse"]) - 1.0) < 0.1
+
+
+class SignalAt:
+    """A callback (built from the config: ``+callbacks.signal_at``) that sends this process ``signum`` during the
+    training step that ends at ``step``, as a cluster would at any moment."""
+
+    def __new__(cls, step: int, signum: int = int(signal.SIGUSR1)):
+        import pytorch_lightning as pl
+
+        class _SignalAt(pl.Callback):
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+                if trainer.global_step == step - 1 and optimizer is trainer.optimizers[0]:
+                    os.kill(os.getpid(), signum)
+
+        return _SignalAt()
+
+
+@pytest.mark.parametrize("step", [3, 4])  # 4 batches per epoch: mid-epoch, and the last step of an epoch
+def test_a_signal_on_a_validation_step_keeps_that_validation(tmp_path, step):
+    """A signal during a step (4: one after which a validation is due, at the end of an epoch): the run stops after
+    that step's validation, and the resumed run validates where an uninterrupted run does, with the same values
+    (the sweeper's objective) and ends with the same weights."""
+    straight = tmp_path / "straight"
+    train.train(compose_train(JOB, output_dir=straight))
+    cut = tmp_path / "cut"
+    with pytest.raises(train.TrainingInterrupted) as stop:
+        train.train(compose_train([*JOB, "+callbacks.signal_at._target_=test_sweeps.SignalAt",
+                                   f"+callbacks.signal_at.step={step}"], output_dir=cut))
+    assert stop.value.step == step
+    train.train(compose_train([*JOB, "resume=auto"], output_dir=cut))
+
+    def history(run: Path) -> dict:
+        return load_torch_file(run / "checkpoints" / "last.ckpt")["callbacks"]["MonitorHistory"]
+
+    assert [s for s, _ in history(cut)["values"]] == [2, 4, 6]
+    assert history(cut)["values"] == history(straight)["values"]
+    assert history(cut)["attempts"] == 2 and history(straight)["attempts"] == 1
+    a, b = (load_torch_file(run / "checkpoints" / "last.ckpt")["state_dict"] for run in (cut, straight))
+    assert all(torch.equal(a[k], b[k]) for k in b) and a.keys() == b.keys()
+
+
+# ------------------------------------------------------------------------------------------- sweeps, tables
+
+def sweep(args: list[str], sweep_dir: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    proc = run_entry("train.py", *args, f"hydra.sweep.dir={sweep_dir}", timeout=timeout, **ENV)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_optuna_preset_runs_trials_picks_the_best_and_continues_from_its_storage(tmp_path):
+    """hparams_search=optuna_autoencoder: 3 TPE trials (seeded) in two sittings sharing a SQLite study; every trial
+    returns its best val/lpips, which equals the minimum Lightning logged for it; the summary ranks them."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    common = ["hparams_search=optuna_autoencoder", *JOB, f"hydra.sweeper.storage={storage}",
+              "hydra.sweeper.sampler.n_startup_trials=1", "loss.disc_start=choice(0,2)"]
+    sweep([*common, "hydra.sweeper.n_trials=2"], tmp_path / "first")
+    sweep([*common, "hydra.sweeper.n_trials=1"], tmp_path / "second")  # the same study, continued
+
+    study = optuna.load_study(study_name="autoencoder", storage=storage)
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(trials) == 3
+    objectives = []
+    for sweep_dir, jobs in ((tmp_path / "first", 2), (tmp_path / "second", 1)):
+        rows = read_csv(sweep_dir / "summary.csv")
+        assert [r["job"] for r in rows] == [str(i) for i in range(jobs)]
+        for row in rows:
+            job = sweep_dir / row["job"]
+            result = json.loads((job / "result.json").read_text())
+            assert row["status"] == result["status"] == "completed" and int(row["steps"]) == 6
+            assert float(row["objective"]) == result["objective"] == min(logged_values(job, "val/lpips"))
+            for key in ("module.base_learning_rate", "loss.kl_weight", "loss.disc_weight", "loss.disc_start"):
+                assert f"{key}={row[key]}" in result["overrides"]
+            assert Path(row["checkpoint"]).is_file()
+            objectives.append(float(row["objective"]))
+        best = [r for r in rows if r["best"] == "*"]
+        assert len(best) == 1 and float(best[0]["objective"]) == min(float(r["objective"]) for r in rows)
+        assert (sweep_dir / "objective_vs_params.png").stat().st_size > 10_000
+        assert "(best)" in (sweep_dir / "summary.md").read_text()
+    assert sorted(t.value for t in trials) == sorted(objectives)
+    assert study.best_value == min(objectives)
+
+
+@pytest.mark.slow
+def test_a_failed_job_is_a_row_and_the_sweep_goes_on(tmp_path):
+    """A grid with jobs that diverge (learning rate 1e30: non-finite steps) or cannot start (resolution 33 with a
+    factor-4 autoencoder): the sweep ends normally, every job has its row and status, and the table can be rebuilt
+    by hand after the fact (here: with a job's result gone, as if it had been killed)."""
+    sweep_dir = tmp_path / "grid"
+    proc = sweep(["-m", *JOB, "resolution=32,33", "module.base_learning_rate=1e-3,1e30",
+                  "module.max_consecutive_skips=1"], sweep_dir)
+    assert (proc.stdout + proc.stderr).count("this sweep job failed; the sweep goes on") == 3
+    rows = read_csv(sweep_dir / "summary.csv")
+    assert [(r["job"], r["status"], r["best"]) for r in rows] == [
+        ("0", "completed", "*"), ("1", "non-finite", ""), ("2", "failed", ""), ("3", "failed", "")]
+    assert "resolution=33 is not divisible" in rows[2]["error"] and rows[2]["objective"] == ""
+    assert "steps in a row" in rows[1]["error"] and rows[1]["objective"] == ""
+    assert float(rows[0]["objective"]) == min(logged_values(sweep_dir / "0", "val/lpips"))
+
+    (sweep_dir / "1" / "result.json").unlink()
+    (sweep_dir / "summary.csv").unlink()
+    proc = run_entry("-m", "ldm.report", "sweep", str(sweep_dir), **ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "summary.md" in proc.stdout
+    rows = read_csv(sweep_dir / "summary.csv")
+    assert [r["status"] for r in rows] == ["completed", "no result", "failed", "failed"]
+    proc = run_entry("-m", "ldm.report", "sweep", str(tmp_path / "nothing"), **ENV)
+    assert proc.returncode != 0 and "no such sweep folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_summary_marks_non_finite_jobs_and_ranks_only_completed_ones(tmp_path):
+    for job, (status, objective) in enumerate([("completed", 0.5), ("non-finite", None), ("completed", 0.25),
+                                               ("interrupted", None)]):
+        folder = tmp_path / str(job)
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(f"- lr={job}e-4\n- seed=0\n")
+        (folder / "result.json").write_text(json.dumps({"status": status, "objective": objective, "step": 10,
+                                                        "metrics": {"val/loss": objective or math.nan}}))
+    paths = summarise(tmp_path)
+    rows = read_csv(paths["csv"])
+    assert [r["best"] for r in rows] == ["", "", "*", ""] and [r["lr"] for r in rows] == ["0e-4", "1e-4", "2e-4",
+                                                                                           "3e-4"]
+    assert "seed" not in rows[0]  # the same in every job: not a swept parameter
+    text = paths["markdown"].read_text()
+    assert "4 job(s): 2 completed, 1 non-finite, 1 interrupted" in text and "**2** (best)" in text
+
+
+# ----------------------------------------------------------------------------------------- SLURM / submitit
+
+def submitit_job_processes(sweep_dir: Path) -> dict[str, int]:
+    """{job folder name: PID} of the running jobs of a submitit-local sweep: each job's controller (whose PID names
+    its folder under .submitit) runs the job as its child, which logs its run directory."""
+    found = {}
+    for folder in (sweep_dir / ".submitit").glob("[0-9]*"):
+        log = folder / f"{folder.name}_0_log.out"
+        children = Path(f"/proc/{folder.name}/task/{folder.name}/children")
+        if not (log.is_file() and children.exists()):
+            continue
+        for line in log.read_text().splitlines():
+            if "run directory: " in line:
+                job = Path(line.split("run directory: ")[1].strip()).name
+                pids = children.read_text().split()
+                if pids:
+                    found[job] = int(pids[0])
+    return found
+
+
+@pytest.mark.slow
+def test_submitit_jobs_signalled_mid_run_are_requeued_and_match_uninterrupted_ones(tmp_path):
+    """hydra/launcher=submitit_local, 2 jobs: each gets SIGUSR2 (submitit's time-limit / pre-emption signal) after
+    its first validation; it saves, submitit requeues it, and the new attempt resumes in the same folder. Every
+    validation and the final weights equal those of the same sweep run without interruption."""
+    args = ["-m", *JOB, "trainer.max_steps=16", "module.base_learning_rate=1e-3,3e-3"]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "train.py", *args, "hydra/launcher=submitit_local",
+                             f"hydra.sweep.dir={cut}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **ENV})
+    signalled: set[str] = set()
+    deadline = time.time() + 600
+    while len(signalled) < 2 and proc.poll() is None and time.time() < deadline:
+        for job, pid in submitit_job_processes(cut).items():
+            if job not in signalled and list((cut / job / "checkpoints").glob("best-*.ckpt")):
+                os.kill(pid, signal.SIGUSR2)
+                signalled.add(job)
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    assert signalled == {"0", "1"}
+    straight = tmp_path / "straight"
+    sweep(args, straight)  # the basic launcher, in one process, never interrupted
+    for job in ("0", "1"):
+        a = json.loads((cut / job / "result.json").read_text())
+        b = json.loads((straight / job / "result.json").read_text())
+        assert a["status"] == b["status"] == "completed" and a["attempts"] == 2 and b["attempts"] == 1
+        assert a["monitor_values"] == b["monitor_values"] and len(a["monitor_values"]) == 8
+        assert a["objective"] == b["objective"]
+        ca, cb = (load_torch_file(d / job / "checkpoints" / "last.ckpt") for d in (cut, straight))
+        assert ca["global_step"] == cb["global_step"] and ca["state_dict"].keys() == cb["state_dict"].keys()
+        for k in ca["state_dict"]:
+            assert torch.equal(ca["state_dict"][k], cb["state_dict"][k]), (job, k)
+    rows = read_csv(cut / "summary.csv")
+    assert [r["status"] for r in rows] == ["completed", "completed"] and sum(r["best"] == "*" for r in rows) == 1
+
+
+def test_slurm_launcher_preset_submits_requeueable_jobs(tmp_path, monkeypatch):
+    """hydra/launcher=slurm composes, and submitit turns it into an sbatch script with the pre-emption signal, one
+    task per GPU and the requested resources (the script a cluster would get; nothing is submitted here)."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    compose_entry("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                  "hydra.launcher.account=proj", "hydra.launcher.gpus_per_node=4",
+                                  "hydra.launcher.nodes=2", "hydra.launcher.timeout_min=600"], tmp_path)
+    launcher = OmegaConf.to_container(HydraConfig.get().launcher)  # unresolved: submitit_folder names the sweep
+    launcher.pop("submitit_folder"), launcher.update(name="train")
+    launcher = OmegaConf.to_container(OmegaConf.create(launcher), resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher") and launcher["tasks_per_node"] == 4
+    # what hydra-submitit-launcher's SlurmLauncher.launch hands submitit (which wants an `srun` on the PATH)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path / "jobs",
+                                     slurm_max_num_timeout=launcher["max_num_timeout"])
+    base = set(BaseQueueConf.__dataclass_fields__)
+    params = {k if k in base else f"slurm_{k}": v for k, v in launcher.items()
+              if k not in ("_target_", "max_num_timeout")}
+    executor.update_parameters(**params)
+    script = executor._executor._make_submission_file_text("python -m submitit.core._submit x", "uid")
+    for line in ("#SBATCH --signal=USR2@300", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
+                 "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --time=600", "#SBATCH --cpus-per-task=8", "#SBATCH --requeue"):
+        assert line in script, (line, script)
+
+
+@pytest.mark.slow
+def test_two_nodes_through_torchrun_end_with_identical_parameters(tmp_path):
+    """trainer=ddp trainer.num_nodes=2 under two torchrun launchers (one per "node", on localhost, gloo): both
+    train, and every parameter is the same on both ranks at the end (RankConsistencyCheck's checksums)."""
+    run = tmp_path / "run"
+    port = free_port()
+    args = [*JOB, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2",
+            "trainer.precision=32-true", "trainer.benchmark=false", f"hydra.run.dir={run}"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                               f"--node-rank={rank}", "--master-addr=127.0.0.1", f"--master-port={port}",
+                               "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, **ENV})
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-4000:]
+    checksums = json.loads((run / "rank_checksums.json").read_text())
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    ckpt = load_torch_file(run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 6
+    # 16 images over 2 ranks, batch 4: 2 batches per rank and epoch; both ranks read disjoint halves
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["consumed"] == 8
+
+
+def test_first_host_of_a_slurm_node_list():
+    assert first_host("gpu[07-09,12],cpu1") == "gpu07" and first_host("node5") == "node5"
+    assert first_host("a-b[3]") == "a-b3" and first_host("") == "127.0.0.1"
+
+
+@pytest.mark.slow
+def test_the_cache_runs_on_srun_tasks_like_on_torchrun_ranks(stage1_ckpt, tmp_path):
+    """Two processes with the variables srun gives two tasks on two nodes (no torchrun): they join one process
+    group, each writes its own shards, and the cache holds every image once, as with one process."""
+    args = [f"ckpt={stage1_ckpt}", "data.dataset.size=12", "data.dataset.val_size=4", "shard_size=4",
+            "batch_size=2", "data.num_workers=0", "progress=false", "device=cpu"]
+    port = str(free_port())
+    tasks = []
+    for rank in (0, 1):
+        env = {**os.environ, **ENV, "SLURM_JOB_ID": "4242", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": str(rank),
+               "SLURM_LOCALID": "0", "SLURM_NODEID": str(rank), "SLURM_STEP_NODELIST": "localhost",
+               "MASTER_PORT": port}
+        env.pop("RANK", None)
+        tasks.append(subprocess.Popen([sys.executable, "-m", "ldm.cache", *args, f"out_dir={tmp_path / 'two'}",
+                                       f"hydra.run.dir={tmp_path / f'h{rank}'}"], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for task in tasks:
+        _, err = task.communicate(timeout=300)
+        assert task.returncode == 0, err[-4000:]
+    one = run_entry("-m", "ldm.cache", *args, f"out_dir={tmp_path / 'one'}", f"hydra.run.dir={tmp_path / 'h'}", **ENV)
+    assert one.returncode == 0, one.stderr[-4000:]
+    assert read_manifest(tmp_path / "two")["world_size"] == 2 and read_manifest(tmp_path / "one")["world_size"] == 1
+    for split in ("train", "val"):
+        a = {s["key"]: s for s in LatentMemoryDataset(tmp_path / "two", split)}
+        b = {s["key"]: s for s in LatentMemoryDataset(tmp_path / "one", split)}
+        assert a.keys() == b.keys() and len(a) == (12 if split == "train" else 4)
+        for key in a:
+            assert torch.equal(a[key]["mean"], b[key]["mean"]), key
