@@ -36,7 +36,7 @@ from ldm.data.latent_format import autoencoder_identity, check_cache_compatible,
 from ldm.data.latents import channel_spread_problem
 from ldm.distributed import resolve_device
 from ldm.export import load_unet, pretrained_source, read_any
-from ldm.lit.callbacks import AtomicCheckpointIO, MonitorHistory
+from ldm.lit.callbacks import AtomicCheckpointIO, MonitorHistory, StepProgressBar
 from ldm.lit.resilience import (
     NonFiniteTrainingError,
     TrainingInterrupted,
@@ -199,7 +199,7 @@ def train(cfg: DictConfig, outcome: dict | None = None) -> dict[str, float]:
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]  # null: switched off
     state = TrainingState(run_dir / "checkpoints")  # data position, signals
     outcome["monitor"] = MonitorHistory(cfg.monitor)  # the sweeper's objective, kept across resumes
-    callbacks += [state, outcome["monitor"]]
+    callbacks += [state, outcome["monitor"]] + ([StepProgressBar()] if cfg.trainer.enable_progress_bar else [])
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     # on SLURM, SIGUSR1 is ours (save, then requeue), not Lightning's (which saves elsewhere, mid-step)
     plugins = [AtomicCheckpointIO()] + ([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])

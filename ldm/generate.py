@@ -18,6 +18,7 @@ from ldm.data.latents import denormalize_latents
 from ldm.diffusion.guidance import cfg_denoiser
 from ldm.diffusion.samplers import SAMPLERS
 from ldm.models.text_encoders import no_labels_error
+from ldm.models.tokenizers import to_device
 
 
 @dataclass
@@ -107,8 +108,6 @@ def training_condition(text_encoder: nn.Module, batch: dict[str, Any], keep: Ten
     n = keep.shape[0]
     if "context" in batch and not getattr(text_encoder, "trainable", False):
         cond = {"context": batch["context"], "context_mask": batch["context_mask"].bool()}
-        if bool(keep.all()):
-            return cond
         null = encode_condition(text_encoder, text_encoder.null_inputs(1))
         length = max(cond["context"].shape[1], null["context"].shape[1])
         cond = {k: pad_tokens(v, length) for k, v in cond.items()}
@@ -125,6 +124,13 @@ def training_condition(text_encoder: nn.Module, batch: dict[str, Any], keep: Ten
     null_inputs = text_encoder.null_inputs(n)
     if isinstance(inputs, Tensor):
         inputs = torch.where(keep, inputs, null_inputs.to(inputs.device))
+    elif hasattr(text_encoder, "encode_tokens"):  # choose between caption and null tokens on the device: no host sync
+        (ids, mask), (null_ids, null_mask) = text_encoder.tokenize(inputs), text_encoder.tokenize(null_inputs)
+        pick = keep.view(n, 1)
+        ids = torch.where(pick, to_device(ids, keep.device), to_device(null_ids, keep.device))
+        mask = torch.where(pick, to_device(mask, keep.device), to_device(null_mask, keep.device))
+        context, mask = text_encoder.encode_tokens(ids, mask)
+        return {"context": context, "context_mask": mask}
     else:
         inputs = [x if k else nx for x, k, nx in zip(inputs, keep.tolist(), null_inputs, strict=True)]
     return encode_condition(text_encoder, inputs)

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from ldm.lit.optim import build_optimizer
 from ldm.lit.resilience import StepGuard, poison_if_not_finite, restart_optimisation
 from ldm.losses.autoencoder import AutoencoderLoss
 from ldm.metrics.recon import psnr, ssim
@@ -101,8 +102,8 @@ class AutoencoderModule(pl.LightningModule):
     def configure_optimizers(self):
         lr = self.learning_rate()
         gen_params = list(self.autoencoder.parameters()) + [self.loss.logvar]
-        opt_g = self.optimizer_factory(gen_params, lr=lr)
-        opt_d = self.disc_optimizer_factory(self.loss.discriminator.parameters(), lr=lr)
+        opt_g = build_optimizer(self.optimizer_factory, gen_params, lr)
+        opt_d = build_optimizer(self.disc_optimizer_factory, self.loss.discriminator.parameters(), lr)
         if self.lr_scheduler_factory is None:
             return [opt_g, opt_d]
         return [opt_g, opt_d], [self.lr_scheduler_factory(opt_g), self.lr_scheduler_factory(opt_d)]
@@ -153,14 +154,12 @@ class AutoencoderModule(pl.LightningModule):
             self.untoggle_optimizer(opt_d)
             logs.update(d_logs)
 
-        bar = {"rec_loss", "d_loss"}
-        self.log_dict({f"train/{k}": v for k, v in logs.items() if k in bar}, prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in logs.items() if k not in bar})
+        self.log_dict({f"train/{k}": v for k, v in logs.items()})  # the bar (StepProgressBar) reads them
         if do_step and self.autoencoder_ema is not None and generator_applied:
             ema_update(self.autoencoder_ema, self.autoencoder, ema_decay_at(step, self.ema_decay))
         if do_step:
             self.guard.end_step(step)
-            self.log("train/skipped_steps", float(self.guard.total))
+            self.log("train/skipped_steps", torch.tensor(float(self.guard.total)))  # CPU: no copy to the GPU
         if do_step and self.lr_scheduler_factory is not None:
             for scheduler in self.lr_schedulers():
                 scheduler.step()

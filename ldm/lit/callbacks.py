@@ -1,5 +1,5 @@
 """Lightning callbacks and plugins: image grids, atomic checkpoint writes, a DDP consistency check, the history
-of the monitored metric."""
+of the monitored metric, a progress bar in steps."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torchvision.utils import make_grid, save_image
 
@@ -218,3 +219,44 @@ class MonitorHistory(pl.Callback):
             self.values = [(int(s), float(v)) for s, v in state_dict.get("values", [])]
         self._seconds_before = float(state_dict.get("seconds", 0.0))
         self.attempts += int(state_dict.get("attempts", 0))
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The training bar in optimizer steps out of ``trainer.max_steps`` across epochs (Lightning's counts the
+    batches of one epoch), with the loss read every ``refresh_rate`` steps: a metric shown on Lightning's bar
+    (``prog_bar=True``) is copied to the host every step, which stalls the GPU's queue each time."""
+
+    def __init__(self, refresh_rate: int = 10, show: tuple[str, ...] = ("train/loss", "train/rec_loss",
+                                                                       "train/d_loss")) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self.show = show
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.n = bar.initial = trainer.global_step  # a resumed run starts where it stopped
+        bar.set_description("train")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        pass  # one bar for the whole run
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step, bar = trainer.global_step, self.train_progress_bar
+        if bar is not None and not bar.disable and (step % self.refresh_rate == 0 or step == trainer.max_steps):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.set_description(f"train (epoch {trainer.current_epoch})", refresh=False)
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pass
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        items = {k: v for k, v in super().get_metrics(trainer, pl_module).items() if k != "v_num"}
+        for key in self.show:
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                items[key.removeprefix("train/")] = f"{float(value):.4g}"
+        return items

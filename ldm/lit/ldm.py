@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ldm.data.latents import normalize_latents, sample_posterior
 from ldm.generate import LatentDiffusion, generate, training_condition
+from ldm.lit.optim import build_optimizer
 from ldm.lit.resilience import StepGuard, poison_if_not_finite, restart_optimisation
 from ldm.losses.diffusion import DiffusionLoss
 from ldm.models.ema import ema_decay_at, ema_update
@@ -121,7 +122,7 @@ class LatentDiffusionModule(pl.LightningModule):
         params = list(self.unet.parameters())
         if getattr(self.text_encoder, "trainable", False):
             params += list(self.text_encoder.parameters())
-        opt = self.optimizer_factory(params, lr=self.learning_rate())
+        opt = build_optimizer(self.optimizer_factory, params, self.learning_rate())
         if self.lr_scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
@@ -148,7 +149,7 @@ class LatentDiffusionModule(pl.LightningModule):
         # keyed on the step and the micro-batch within it, not on Lightning's batch_idx, which a resume can shift
         gen = self._generator(self.global_rank, self.global_step, batch_idx % self.accumulate)
         loss, logs = self._diffusion_loss(self.unet, batch, gen, self.p_uncond)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["mean"].shape[0])
+        self.log("train/loss", loss, batch_size=batch["mean"].shape[0])  # shown by StepProgressBar, not prog_bar
         self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "loss"}, batch_size=batch["mean"].shape[0])
         if "n_bad" in batch:
             self.log("data/skipped", batch["n_bad"].sum().float(), reduce_fx="sum", on_step=False, on_epoch=True,
@@ -167,7 +168,7 @@ class LatentDiffusionModule(pl.LightningModule):
         if self.unet_ema is not None and self.guard.last_ok:
             ema_update(self.unet_ema, self.unet, ema_decay_at(step, self.ema_decay))
         self.guard.end_step(step)
-        self.log("train/skipped_steps", float(self.guard.total))
+        self.log("train/skipped_steps", torch.tensor(float(self.guard.total)))  # CPU: no copy to the GPU
 
     # ----------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

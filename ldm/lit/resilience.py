@@ -32,6 +32,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor
 
 from ldm.data.resumable import ResumableDataLoader, batch_len
+from ldm.lit.optim import IMPLEMENTATION_KEYS
 
 log = logging.getLogger("ldm.train")
 
@@ -195,7 +196,8 @@ def restart_optimisation(module: pl.LightningModule, factories: Iterable[Callabl
     for opt, factory in zip(trainer.optimizers, factories, strict=True):
         fresh = factory([torch.zeros(1, requires_grad=True)], lr=lr).defaults  # the new hyperparameters
         for group in opt.param_groups:
-            group.update({k: v for k, v in fresh.items() if k != "params"})
+            # hyperparameters only: the restored optimizer keeps its implementation (fused on CUDA, ldm.lit.optim)
+            group.update({k: v for k, v in fresh.items() if k != "params" and k not in IMPLEMENTATION_KEYS})
             group.pop("initial_lr", None)
     if scheduler_factory is None:
         return

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ldm.models.tokenizers import check_texts, warn_truncated
+from ldm.models.tokenizers import check_texts, to_device, warn_truncated
 
 _OFFLINE_VALUES = {"1", "true", "yes", "on"}
 
@@ -167,7 +167,11 @@ class HFTextEncoder(nn.Module):
         """Captions (list of B str) -> context float32 [B, max_length, D], mask bool [B, max_length]."""
         ids, mask = self.tokenize(check_texts(inputs, type(self).__name__))
         device = next(self.model.parameters()).device
-        ids, mask = ids.to(device), mask.to(device)
+        return self.encode_tokens(to_device(ids, device), to_device(mask, device))
+
+    @torch.no_grad()
+    def encode_tokens(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`tokenize`'s output on the model's device -> (context float32, mask), each row on its own."""
         out = self.model(input_ids=ids, attention_mask=mask.long() if self._use_mask else None,
                          output_hidden_states=self.layer == "penultimate")
         states = out.last_hidden_state if self.layer == "last" else out.hidden_states[-2]

@@ -27,7 +27,14 @@ from torch import Tensor, nn
 # Re-exported: checkpoints written before the split store `_target_: ldm.models.text_encoders.HFTextEncoder`
 # (and MiniLMEncoder) in their resolved config, and are rebuilt from it.
 from ldm.models.hf_text import HFTextEncoder, MiniLMEncoder
-from ldm.models.tokenizers import TOKENIZERS, ByteTokenizer, WordTokenizer, check_texts, warn_truncated
+from ldm.models.tokenizers import (
+    TOKENIZERS,
+    ByteTokenizer,
+    WordTokenizer,
+    check_texts,
+    to_device,
+    warn_truncated,
+)
 
 __all__ = ["ClassEncoder", "HFTextEncoder", "MiniLMEncoder", "NullEncoder", "TransformerTextEncoder"]
 
@@ -119,13 +126,20 @@ class TransformerTextEncoder(nn.Module):
 
     def forward(self, inputs: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Captions (list of B str) -> context float [B, max_length, width], mask bool [B, max_length]."""
+        device = self.token_embedding.weight.device
+        return self.encode_tokens(*(to_device(t, device) for t in self.tokenize(inputs)))
+
+    def tokenize(self, inputs: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """CPU ids LongTensor [B, max_length] and mask bool [B, max_length]; warns about truncated captions."""
         texts = check_texts(inputs, type(self).__name__)
         ids, mask, lengths = self.tokenizer(texts)
         for text, n in zip(texts, lengths, strict=True):
             if n > self.max_length:
                 warn_truncated(self._truncated, "text_encoder=transformer", text, n, self.max_length)
-        device = self.token_embedding.weight.device
-        ids, mask = ids.to(device), mask.to(device)
+        return ids, mask
+
+    def encode_tokens(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`tokenize`'s output on the encoder's device -> (context, mask), each row on its own."""
         return self.encode(ids, mask), mask
 
     def null_inputs(self, n: int) -> list[str]:
@@ -206,9 +220,15 @@ class NullEncoder(nn.Module):
 
     def forward(self, inputs: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Any B inputs -> zeros float [B, 1, D], mask bool [B, 1] (all True)."""
+        return self.encode_tokens(*(to_device(t, self._zero.device) for t in self.tokenize(inputs)))
+
+    def tokenize(self, inputs: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """One placeholder token per input: ids zeros [B, 1], mask True [B, 1] (the captions are not read)."""
         n = len(inputs)
-        return self._zero.expand(n, 1, self.context_dim).clone(), torch.ones(n, 1, dtype=torch.bool,
-                                                                              device=self._zero.device)
+        return torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.bool)
+
+    def encode_tokens(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        return self._zero.expand(ids.shape[0], 1, self.context_dim).clone(), mask
 
     def null_inputs(self, n: int) -> list[str]:
         return [""] * n

