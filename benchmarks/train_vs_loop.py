@@ -517,7 +517,6 @@ class Loop:
             window.after(i)
         result = dict(window.result)
         result["final_loss"] = round(float(loss), 4)
-        del opt, sched, ema_pairs  # (the loader iterator goes with this frame)
         return result
 
 
@@ -555,7 +554,7 @@ def run_train_py(args, mode: str, device: torch.device, raw_dir: Path | None, va
                     f"{args.preset}_{mode}_train_py", raw_dir)
     BenchCallback.registry[key] = window
     overrides = train_overrides(args, mode, run_dir) + TRAIN_VARIANTS[variant] + [
-        f"+callbacks.perf16._target_=__main__.BenchCallback", f"+callbacks.perf16.key={key}",
+        "+callbacks.perf16._target_=__main__.BenchCallback", f"+callbacks.perf16.key={key}",
         "+trainer.profiler._target_=__main__.RangeProfiler"]
     cfg = compose_train(overrides, run_dir)
     saved = pl.Trainer.save_checkpoint
