@@ -4,6 +4,7 @@
     python train.py experiment=paper/kl_f8 trainer=ddp  # the paper's KL-f8 autoencoder on every GPU
     python train.py run_name=exp1 resume=auto         # continue outputs/autoencoder/exp1 where it stopped
     python train.py stage=ldm autoencoder.pretrained=outputs/autoencoder/exp1/checkpoints/last.ckpt   # stage 2
+    python train.py hparams_search=optuna_autoencoder  # an Optuna search: summary.md / .csv in its sweep folder
 
 Reads top to bottom: check the config, build data / model / loss for the stage, fit, then (stage 1) store the
 latent statistics in the checkpoints for stage 2.
@@ -11,6 +12,7 @@ latent statistics in the checkpoints for stage 2.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -48,6 +50,7 @@ from ldm.lit.resilience import (
 from ldm.losses.lpips import lpips_min_input_size
 from ldm.models.discriminator import patchgan_min_input_size
 from ldm.runs import (
+    RunFolderTaken,
     check_run_folder,
     config_changes,
     describe,
@@ -55,9 +58,10 @@ from ldm.runs import (
     last_good_checkpoint,
     refuse_changes,
 )
-from ldm.sweeps import objective_value, write_job_result
+from ldm.sweeps import OBJECTIVE_MODES, objective_value, summarise, write_job_result
 
 log = logging.getLogger("ldm.train")
+HIGHER_IS_BETTER = ("val/psnr", "val/ssim")  # logged metrics a `monitor` (lowest is best) must not be
 
 
 def auto_precision(accelerator: str = "auto") -> str:
@@ -82,6 +86,14 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file> for a given checkpoint")
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         problems.append(f"ckpt_path={cfg.ckpt_path} does not exist")
+    if cfg.get("objective") not in OBJECTIVE_MODES:
+        problems.append(f"objective={cfg.get('objective')!r}: use one of {', '.join(OBJECTIVE_MODES)}")
+    if cfg.monitor in HIGHER_IS_BETTER:
+        problems.append(f"monitor={cfg.monitor} is higher-is-better, but checkpoints and sweep objectives keep the "
+                        "lowest value: monitor a loss (val/lpips, val/rec_loss, val/loss, val/eps_mse)")
+    if in_sweep() and "max" in str(OmegaConf.select(HydraConfig.get(), "sweeper.direction", default="")).lower():
+        problems.append("hydra.sweeper.direction=maximize: train.py's objective is a lower-is-better `monitor` "
+                        "value; use direction=minimize")
     if cfg.trainer.get("gradient_clip_val") is not None:
         problems.append("trainer.gradient_clip_val: clipping is done by the module, with the non-finite check; "
                         f"use module.gradient_clip_val={cfg.trainer.gradient_clip_val}")
@@ -145,19 +157,23 @@ def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
-    """The checkpoint to continue from: ``ckpt_path``, or with ``resume=auto`` the run folder's ``last.ckpt``. A
-    sweep job resumes its own folder by default: one that holds a checkpoint is a requeued attempt of the job."""
-    if cfg.ckpt_path is not None:
-        return str(cfg.ckpt_path)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    auto = cfg.resume == "auto" or (cfg.resume is None and in_sweep())
-    if auto and last.is_file():
-        log.info("resume=auto: continuing from %s", last)
-        return str(last)
-    if auto:
-        log.info("resume=auto: no %s yet, starting a new run", last)
-    return None
+def resume_path(cfg: DictConfig, run_dir: Path) -> tuple[str | None, bool]:
+    """(the checkpoint to continue from, whether it is this run folder's own): ``ckpt_path``, or with
+    ``resume=auto`` the folder's ``last.ckpt`` (its newest checkpoint when a kill came between two saves). A sweep
+    job resumes its own folder by default, before ``ckpt_path``: a job folder holding a checkpoint is a requeued
+    attempt of the job, and ``ckpt_path`` was where its first attempt started."""
+    sweep_job = cfg.resume is None and in_sweep()
+    if cfg.ckpt_path is not None and not sweep_job:
+        return str(cfg.ckpt_path), Path(cfg.ckpt_path).resolve().parent == (run_dir / "checkpoints").resolve()
+    if cfg.resume == "auto" or sweep_job:
+        own = run_dir / "checkpoints" / "last.ckpt"
+        own = own if own.is_file() else last_good_checkpoint(run_dir)
+        if own is not None:
+            log.info("resume=auto: continuing from %s", own)
+            return str(own), True
+        if cfg.ckpt_path is None:
+            log.info("resume=auto: no checkpoint in %s yet, starting a new run", run_dir / "checkpoints")
+    return (str(cfg.ckpt_path), False) if cfg.ckpt_path is not None else (None, False)
 
 
 def one_spelling(cfg: DictConfig) -> None:
@@ -184,11 +200,11 @@ def train(cfg: DictConfig, outcome: dict | None = None) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)  # stored in every checkpoint
-    ckpt_path = resume_path(cfg, run_dir)
+    ckpt_path, own = resume_path(cfg, run_dir)
     check_run_folder(run_dir, ckpt_path)  # a run folder belongs to one run
     remove_stale_temporaries(run_dir / "checkpoints")
     # refuses architecture / data changes before any work (in a sweep's implicit resume: any change)
-    history = resumed_history(ckpt_path, config, same_run=cfg.resume is None and cfg.ckpt_path is None)
+    history = resumed_history(ckpt_path, config, same_run=own and cfg.resume is None)
 
     build = build_ldm_stage if cfg.stage_name == "ldm" else build_autoencoder_stage
     module, data = build(cfg, config)
@@ -198,7 +214,8 @@ def train(cfg: DictConfig, outcome: dict | None = None) -> dict[str, float]:
 
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]  # null: switched off
     state = TrainingState(run_dir / "checkpoints")  # data position, signals
-    outcome["monitor"] = MonitorHistory(cfg.monitor)  # the sweeper's objective, kept across resumes
+    # the sweeper's objective, kept across resumes of this run (not taken from a run it started from)
+    outcome["monitor"] = MonitorHistory(cfg.monitor, inherit=own or ckpt_path is None)
     callbacks += [state, outcome["monitor"]] + ([StepProgressBar()] if cfg.trainer.enable_progress_bar else [])
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     # on SLURM, SIGUSR1 is ours (save, then requeue), not Lightning's (which saves elsewhere, mid-step)
@@ -239,7 +256,7 @@ def resumed_history(ckpt_path: str | None, config: dict, same_run: bool = False)
                          "unet.pretrained")
     refused, applied = config_changes(meta["config"], config)
     if same_run and (refused or applied):
-        raise ValueError(f"this sweep job's folder holds a checkpoint of another run ({ckpt_path}; it differs in "
+        raise RunFolderTaken(f"this sweep job's folder holds a checkpoint of another run ({ckpt_path}; it differs in "
                          f"{', '.join(sorted({**refused, **applied}))}). A sweep job only resumes itself: start the "
                          "sweep in a new folder (hydra.sweep.dir=...), or give resume=auto to continue it anyway")
     refuse_changes(refused, ckpt_path)
@@ -407,14 +424,18 @@ def main(cfg: DictConfig) -> float | None:
         hand_on_to_submitit(stop.signum)  # a submitit job: its handler requeues it (and exits)
         requeued = stop.signum == signal.SIGUSR1 and requeue_slurm_job()
         log.warning("%s; %s", stop, "the SLURM job is requeued and continues with resume=auto" if requeued else
-                    f"continue with the same command and run_name={cfg.run_name} resume=auto")
+                    f"continue with the same command and {continue_with(cfg)}")
         sys.exit(128 + stop.signum)
+    except RunFolderTaken as err:  # nothing of this attempt may be written into another run's folder
+        if not in_sweep():
+            raise
+        log.error("%s\nthis sweep job failed; the sweep goes on", err)
+        return None
     except NonFiniteTrainingError as err:
         good = last_good_checkpoint(run_dir)
         message = (f"training stopped: {err}. The last good checkpoint is "
                    f"{good if good is not None else 'none (no checkpoint was written before)'}; resume it with "
-                   f"run_name={cfg.run_name} resume=auto and e.g. a lower learning rate, or raise "
-                   "module.max_consecutive_skips")
+                   f"{continue_with(cfg)} and e.g. a lower learning rate, or raise module.max_consecutive_skips")
         record_job(cfg, run_dir, outcome, "non-finite", error=message)
         if not in_sweep():
             sys.exit(message)
@@ -429,9 +450,17 @@ def main(cfg: DictConfig) -> float | None:
     return record_job(cfg, run_dir, outcome, "completed", metrics=metrics)
 
 
+def continue_with(cfg: DictConfig) -> str:
+    """The overrides that continue this run: its run_name, or in a sweep the sweep's folder."""
+    if in_sweep():
+        return f"hydra.sweep.dir={HydraConfig.get().sweep.dir} (a sweep job resumes its own folder)"
+    return f"run_name={cfg.run_name} resume=auto"
+
+
 def record_job(cfg: DictConfig, run_dir: Path, outcome: dict, status: str, metrics: dict | None = None,
                error: str | None = None) -> float | None:
-    """Write the run's ``result.json`` (rank 0); returns its objective (``objective=best|last`` of ``monitor``)."""
+    """Write the run's ``result.json`` (rank 0; in a sweep, refresh its summary); returns the objective
+    (``objective=best|last`` of ``monitor``)."""
     monitor, trainer = outcome.get("monitor"), outcome.get("trainer")
     values = monitor.values if monitor is not None else []
     objective = objective_value(values, str(cfg.objective)) if status == "completed" else None
@@ -439,15 +468,21 @@ def record_job(cfg: DictConfig, run_dir: Path, outcome: dict, status: str, metri
         log.warning("no finite validation value of monitor=%s: the sweeper gets no objective", cfg.monitor)
     if trainer is not None and not trainer.is_global_zero:
         return objective
-    ckpt = trainer.checkpoint_callback if trainer is not None else None
+    best = getattr(trainer.checkpoint_callback if trainer is not None else None, "best_model_path", "") or ""
     last = run_dir / "checkpoints" / "last.ckpt"
+    final = {k: float(v) for k, v in (metrics or getattr(trainer, "callback_metrics", {})).items()}
     write_job_result(
         run_dir, status=status, objective=objective, objective_mode=str(cfg.objective), monitor=cfg.monitor,
         monitor_values=values, step=trainer.global_step if trainer is not None else None,
         train_time_s=monitor.seconds if monitor is not None else None,
-        attempts=monitor.attempts if monitor is not None else 0,
-        metrics={k: float(v) for k, v in (metrics or getattr(trainer, "callback_metrics", {})).items()}, error=error,
-        best_checkpoint=getattr(ckpt, "best_model_path", "") or "", last_checkpoint=str(last) if last.is_file() else "")
+        attempts=monitor.attempts if monitor is not None else 0, error=error,
+        # the latest validation's metrics survive a resume that has nothing left to train
+        metrics={**(monitor.last_metrics if monitor is not None else {}), **final},
+        best_checkpoint=best if best and Path(best).is_file() else "",  # not a parent run's best, named here
+        last_checkpoint=str(last) if last.is_file() else "")
+    if in_sweep():
+        with contextlib.suppress(Exception):  # a table never fails a job
+            summarise(HydraConfig.get().sweep.dir)
     return objective
 
 

@@ -29,7 +29,7 @@ REFUSED = (
 )
 # Keys under these are how or where the run is launched, not what it trains; neither refused nor recorded.
 NOT_RECORDED = ("resume", "ckpt_path", "paths", "hydra", "logger", "callbacks", "run_name", "unet.pretrained",
-                "unet_pretrained", "trainer.enable_progress_bar")
+                "unet_pretrained", "trainer.enable_progress_bar", "trainer.default_root_dir")
 
 
 def flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -89,6 +89,10 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
 
 
+class RunFolderTaken(ValueError):
+    """The run folder holds another run's checkpoints: nothing may be written there."""
+
+
 def check_run_folder(run_dir: Path, resume_from: str | None) -> None:
     """Refuse to start a fresh run in a folder that holds another run's checkpoints; ``resume_from`` from another
     folder is refused as well when this one holds checkpoints (it would mix two runs)."""
@@ -100,10 +104,10 @@ def check_run_folder(run_dir: Path, resume_from: str | None) -> None:
         return
     names = ", ".join(p.name for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
     if resume_from is None:
-        raise ValueError(f"the run folder {run_dir} already holds checkpoints ({names}) of an earlier run, and this "
+        raise RunFolderTaken(f"the run folder {run_dir} already holds checkpoints ({names}) of an earlier run, and this "
                          "command would start a new run there and overwrite them. Continue that run with "
                          "resume=auto (same run_name), or start a new one with another run_name=...")
-    raise ValueError(f"ckpt_path={resume_from} is not in this run's folder, and {run_dir} already holds checkpoints "
+    raise RunFolderTaken(f"ckpt_path={resume_from} is not in this run's folder, and {run_dir} already holds checkpoints "
                      f"({names}) of another run. Resume that run with resume=auto, or give a new run_name=...")
 
 

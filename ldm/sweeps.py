@@ -62,10 +62,13 @@ def write_job_result(run_dir: str | os.PathLike, **record: Any) -> Path:
 
 
 def read_overrides(job_dir: Path) -> list[str]:
+    """The job's command-line overrides (``.hydra/overrides.yaml``); [] when missing or unreadable."""
     path = job_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
+    try:
+        overrides = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception:  # missing, or not YAML: the row shows no parameters rather than failing the table
         return []
-    return [str(o) for o in OmegaConf.to_container(OmegaConf.load(path))]
+    return [str(o) for o in overrides] if isinstance(overrides, list) else []
 
 
 # ----------------------------------------------------------------------------------------------- summary
@@ -101,18 +104,30 @@ def collect(sweep_dir: str | os.PathLike) -> tuple[list[dict[str, Any]], list[st
         values = dict(o.split("=", 1) for o in overrides if "=" in o)
         params.append(values)
         metrics = {k: v for k, v in (result.get("metrics") or {}).items() if k.startswith("val/")}
+        last = result.get("objective_mode") == "last"  # the checkpoint the objective describes
+        checkpoint = result.get("last_checkpoint") if last else result.get("best_checkpoint")
         rows.append({
+            **{param_column(k): v for k, v in values.items()}, **metrics,
             "job": str(job.relative_to(sweep_dir)), "status": result.get("status", "no result"),
             "monitor": result.get("monitor"), "objective_mode": result.get("objective_mode"),
-            "objective": result.get("objective"), **values,
-            "steps": result.get("step"), "train_time_s": result.get("train_time_s"),
-            "checkpoint": result.get("best_checkpoint") or result.get("last_checkpoint") or "",
-            **metrics, "error": result.get("error", ""), "overrides": " ".join(overrides),
+            "objective": result.get("objective"), "steps": result.get("step"),
+            "train_time_s": result.get("train_time_s"),
+            "checkpoint": checkpoint or result.get("last_checkpoint") or "",
+            "error": result.get("error") or "", "overrides": " ".join(overrides),
         })
     keys = list(dict.fromkeys(k for p in params for k in p))
     searched = searched_keys(job_folders(sweep_dir)[0]) if rows else set()
-    swept = [k for k in keys if k in searched or len({p.get(k) for p in params}) > 1]
+    swept = [param_column(k) for k in keys if k in searched or len({p.get(k) for p in params}) > 1]
     return rows, swept
+
+
+# a row's own columns; an override of the same name (``objective=last``) gets its column beside them
+ROW_COLUMNS = ("job", "best", "status", "monitor", "objective_mode", "objective", "steps", "train_time_s",
+               "checkpoint", "error", "overrides")
+
+
+def param_column(key: str) -> str:
+    return f"{key} (override)" if key in ROW_COLUMNS else key
 
 
 def searched_keys(job: Path) -> set[str]:
@@ -131,16 +146,25 @@ def _read_result(job: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError) as err:
+        result = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as err:
         return {"status": "no result", "error": f"unreadable {RESULT_FILE}: {err}"}
+    if not isinstance(result, dict):
+        return {"status": "no result", "error": f"{RESULT_FILE} holds a {type(result).__name__}, not a result"}
+    return result
 
 
 def best_row(rows: Sequence[Mapping[str, Any]]) -> int | None:
-    """Index of the completed row with the lowest finite objective."""
-    ranked = [(float(r["objective"]), i) for i, r in enumerate(rows)
-              if r["status"] == "completed" and _finite(r.get("objective"))]
-    return min(ranked)[1] if ranked else None
+    """Index of the completed row with the lowest finite objective; None when there is none, or when the
+    objectives measure different things (another ``monitor`` or ``objective``: not comparable)."""
+    done = [(i, r) for i, r in enumerate(rows) if r["status"] == "completed" and _finite(r.get("objective"))]
+    if len({(r.get("monitor"), r.get("objective_mode")) for _, r in done}) > 1:
+        return None
+    return min((float(r["objective"]), i) for i, r in done)[1] if done else None
+
+
+def _mixed(rows: Sequence[Mapping[str, Any]]) -> bool:
+    return len({(r.get("monitor"), r.get("objective_mode")) for r in rows if r["status"] == "completed"}) > 1
 
 
 def _finite(value: Any) -> bool:
@@ -183,7 +207,8 @@ def _markdown(sweep_dir: Path, rows: list[dict[str, Any]], swept: list[str], met
              f"{len(rows)} job(s): " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ". "
              + (f"Best: job {rows[best]['job']}, objective {format_value(rows[best]['objective'])}"
                 + "".join(f", {k}={_fmt(_parse(str(rows[best].get(k))))}" for k in swept) + "." if best is not None
-                else "No job completed with a finite objective."), ""]
+                else "Not ranked: the jobs' objectives measure different metrics (monitor / objective differ)."
+                if _mixed(rows) else "No job completed with a finite objective."), ""]
     columns = ["job", "status", "objective", *swept, "steps", "train time", *metrics, "checkpoint"]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for i, r in enumerate(rows):
@@ -256,7 +281,13 @@ def plot_objective(path: Path, rows: Sequence[Mapping[str, Any]], swept: Sequenc
 
 class SweepSummary(Callback):
     """Hydra callback: refresh the sweep's summary after each job (a sweep cut short keeps its table) and write it
-    at the end of a multirun, logging where it is and the best job."""
+    at the end of a multirun, logging where it is and the best job. Before the sweep starts, the folder of an
+    Optuna SQLite study (``hydra.sweeper.storage=sqlite:///<path>``) is created."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        storage = str(OmegaConf.select(config, "hydra.sweeper.storage", default=None) or "")
+        if storage.startswith("sqlite:///"):
+            Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if str(config.hydra.mode) == "RunMode.MULTIRUN":

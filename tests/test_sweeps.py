@@ -356,3 +356,85 @@ def test_the_cache_runs_on_srun_tasks_like_on_torchrun_ranks(stage1_ckpt, tmp_pa
         assert a.keys() == b.keys() and len(a) == (12 if split == "train" else 4)
         for key in a:
             assert torch.equal(a[key]["mean"], b[key]["mean"]), key
+
+
+@pytest.mark.slow
+def test_rerunning_a_sweep_resumes_its_jobs_and_refuses_foreign_ones(tmp_path):
+    """Jobs started from another run's checkpoint (ckpt_path) count only their own validations; the same command
+    again in the same sweep folder (what a requeue or a restarted sweep does) continues each job from its own
+    folder, not from ckpt_path, and keeps its result; a different sweep sent into that folder is refused job by
+    job without touching the earlier results. objective=last ranks the jobs by their last value."""
+    parent = tmp_path / "parent"
+    train.train(compose_train([*JOB, "trainer.max_steps=4"], output_dir=parent))
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", *JOB, "objective=last", f"ckpt_path={parent / 'checkpoints' / 'last.ckpt'}",
+            "module.base_learning_rate=1e-3,2e-3"]
+    sweep(args, sweep_dir)
+    first = [json.loads((sweep_dir / j / "result.json").read_text()) for j in ("0", "1")]
+    for result in first:
+        assert result["status"] == "completed" and result["step"] == 6 and result["attempts"] == 1
+        assert [s for s, _ in result["monitor_values"]] == [6]  # not the parent's validations at steps 2 and 4
+        assert result["objective"] == result["monitor_values"][-1][1]
+        assert result["best_checkpoint"] == "" or Path(result["best_checkpoint"]).is_file()
+    rows = read_csv(sweep_dir / "summary.csv")
+    assert [float(r["objective"]) for r in rows] == [r["objective"] for r in first]
+    assert sum(r["best"] == "*" for r in rows) == 1  # the override objective=last does not hide the values
+    assert all(r["checkpoint"].endswith("last.ckpt") for r in rows)
+
+    sweep(args, sweep_dir)  # again: each job resumes its own last.ckpt (at max_steps: nothing left to train)
+    for job, before in zip(("0", "1"), first, strict=True):
+        after = json.loads((sweep_dir / job / "result.json").read_text())
+        assert after["status"] == "completed" and after["objective"] == before["objective"]
+        assert after["metrics"]["val/lpips"] == before["metrics"]["val/lpips"]
+
+    proc = sweep(["-m", *JOB, "module.base_learning_rate=5e-3,1e-3"], sweep_dir)
+    assert (proc.stdout + proc.stderr).count("holds a checkpoint of another run") == 2
+    for job, before in zip(("0", "1"), first, strict=True):
+        assert json.loads((sweep_dir / job / "result.json").read_text())["objective"] == before["objective"]
+
+
+def test_settings_a_sweep_cannot_rank_are_refused_before_any_work(tmp_path):
+    for overrides, message in ((["objective=mean"], "objective='mean'"), (["monitor=val/psnr"], "higher-is-better")):
+        with pytest.raises(ValueError, match=message):
+            train.train(compose_train([*JOB, *overrides], output_dir=tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_summary_survives_odd_jobs_and_does_not_rank_different_metrics(tmp_path):
+    jobs = [({"status": "completed", "objective": 0.3, "monitor": "val/lpips", "objective_mode": "best"},
+             "- monitor=val/lpips\n- status=x\n"),
+            ({"status": "completed", "objective": 0.1, "monitor": "val/rec_loss", "objective_mode": "best"},
+             "- monitor=val/rec_loss\n- status=y\n"),
+            ([1, 2], "- monitor=val/lpips\n- status=z\n"),
+            ({"status": "completed", "objective": 0.2}, "{not: [yaml")]
+    for job, (result, overrides) in enumerate(jobs):
+        folder = tmp_path / str(job)
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(overrides)
+        (folder / "result.json").write_text(json.dumps(result))
+    paths = summarise(tmp_path)
+    rows = read_csv(paths["csv"])
+    assert [r["status"] for r in rows] == ["completed", "completed", "no result", "completed"]
+    assert [r["objective"] for r in rows] == ["0.3", "0.1", "", "0.2"]  # overrides named like a column do not
+    assert rows[0]["status (override)"] == "x"                          # replace the job's own values
+    assert not any(r["best"] for r in rows)  # val/lpips and val/rec_loss (and an unknown one) are not comparable
+    assert "Not ranked" in paths["markdown"].read_text()
+
+
+def test_submitits_signal_wins_over_a_later_sigterm(tmp_path, monkeypatch):
+    """SLURM may follow the pre-emption signal with SIGTERM: the run must still save and hand over to submitit's
+    requeue, not stop as if cancelled."""
+    from ldm.lit.resilience import TrainingState
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    state = TrainingState(tmp_path)
+    assert signal.SIGUSR2 in state.signals
+    state._handler(signal.SIGUSR2, None)
+    state._handler(signal.SIGTERM, None)
+    assert state.received == signal.SIGUSR2
+    monkeypatch.delenv("SUBMITIT_EXECUTOR")
+    plain = TrainingState(tmp_path)
+    assert signal.SIGUSR2 not in plain.signals
+    plain._handler(signal.SIGUSR1, None)
+    plain._handler(signal.SIGTERM, None)
+    assert plain.received == signal.SIGTERM  # outside submitit the latest signal decides, as before

@@ -188,9 +188,11 @@ class MonitorHistory(pl.Callback):
     resumed or requeued run still knows its whole history. ``train.py`` reads it for a sweeper's objective
     (``ldm.sweeps.objective_value``) and the job's ``result.json``."""
 
-    def __init__(self, monitor: str) -> None:
+    def __init__(self, monitor: str, inherit: bool = True) -> None:
         self.monitor = monitor
+        self.inherit = inherit  # False: a run started from another run's checkpoint counts only its own
         self.values: list[tuple[int, float]] = []  # (global step, value)
+        self.last_metrics: dict[str, float] = {}  # every val/ metric of the latest validation
         self._seconds_before = 0.0  # training time of earlier attempts (resumed runs)
         self._started: float | None = None
         self.attempts = 0  # times training started: 1 + resumes (requeues)
@@ -209,12 +211,16 @@ class MonitorHistory(pl.Callback):
             return
         step = int(trainer.global_step)
         self.values = [(s, v) for s, v in self.values if s != step] + [(step, float(value))]
+        self.last_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     def state_dict(self) -> dict[str, Any]:
         return {"monitor": self.monitor, "values": [list(v) for v in self.values], "seconds": self.seconds,
-                "attempts": self.attempts}
+                "attempts": self.attempts, "last_metrics": self.last_metrics}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self.inherit:
+            return
+        self.last_metrics = dict(state_dict.get("last_metrics") or {})
         if state_dict.get("monitor") == self.monitor:  # another metric's values would mean nothing here
             self.values = [(int(s), float(v)) for s, v in state_dict.get("values", [])]
         self._seconds_before = float(state_dict.get("seconds", 0.0))

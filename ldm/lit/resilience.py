@@ -229,6 +229,8 @@ class TrainingState(pl.Callback):
         if self.received is not None and signum == signal.SIGINT:  # a second Ctrl+C: stop now, no save
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
+        if self.received is not None and self.received == submitit_signal():
+            return  # submitit's signal came first: it decides (save, then requeue), a later SIGTERM does not
         self.received = signum
         log.warning("%s received: saving at the end of this step, then stopping", signal.Signals(signum).name)
 
