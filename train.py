@@ -204,7 +204,7 @@ def train(cfg: DictConfig, outcome: dict | None = None) -> dict[str, float]:
     check_run_folder(run_dir, ckpt_path)  # a run folder belongs to one run
     remove_stale_temporaries(run_dir / "checkpoints")
     # refuses architecture / data changes before any work (in a sweep's implicit resume: any change)
-    history = resumed_history(ckpt_path, config, same_run=own and cfg.resume is None)
+    history = resumed_history(ckpt_path, config, same_run=own and cfg.resume is None and in_sweep())
 
     build = build_ldm_stage if cfg.stage_name == "ldm" else build_autoencoder_stage
     module, data = build(cfg, config)

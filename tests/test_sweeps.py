@@ -438,3 +438,14 @@ def test_submitits_signal_wins_over_a_later_sigterm(tmp_path, monkeypatch):
     plain._handler(signal.SIGUSR1, None)
     plain._handler(signal.SIGTERM, None)
     assert plain.received == signal.SIGTERM  # outside submitit the latest signal decides, as before
+
+
+def test_outside_a_sweep_a_changed_resume_from_the_runs_own_checkpoint_is_still_applied(tmp_path):
+    """The any-change refusal is for a sweep job finding its folder taken; a single run resumed with ckpt_path
+    from its own folder still applies (and records) a changed learning rate."""
+    run = tmp_path / "run"
+    train.train(compose_train([*JOB, "trainer.max_steps=2"], output_dir=run))
+    train.train(compose_train([*JOB, "trainer.max_steps=4", "module.base_learning_rate=1e-4",
+                               f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"], output_dir=run))
+    history = load_torch_file(run / "checkpoints" / "last.ckpt")["ldm"]["history"]
+    assert history[-1]["changes"]["module.base_learning_rate"][1] == 1e-4
