@@ -421,6 +421,9 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg, outcome)
     except TrainingInterrupted as stop:  # SIGTERM / SIGINT / SIGUSR1 (SIGUSR2 under submitit): saved at this step
         record_job(cfg, run_dir, outcome, "interrupted", error=str(stop))
+        if in_sweep():  # the job leaves by exit, without Hydra's on_job_end: refresh the sweep's table here
+            with contextlib.suppress(Exception):
+                summarise(HydraConfig.get().sweep.dir)
         hand_on_to_submitit(stop.signum)  # a submitit job: its handler requeues it (and exits)
         requeued = stop.signum == signal.SIGUSR1 and requeue_slurm_job()
         log.warning("%s; %s", stop, "the SLURM job is requeued and continues with resume=auto" if requeued else
@@ -459,7 +462,7 @@ def continue_with(cfg: DictConfig) -> str:
 
 def record_job(cfg: DictConfig, run_dir: Path, outcome: dict, status: str, metrics: dict | None = None,
                error: str | None = None) -> float | None:
-    """Write the run's ``result.json`` (rank 0; in a sweep, refresh its summary); returns the objective
+    """Write the run's ``result.json`` (rank 0); returns the objective
     (``objective=best|last`` of ``monitor``)."""
     monitor, trainer = outcome.get("monitor"), outcome.get("trainer")
     values = monitor.values if monitor is not None else []
@@ -480,9 +483,6 @@ def record_job(cfg: DictConfig, run_dir: Path, outcome: dict, status: str, metri
         metrics={**(monitor.last_metrics if monitor is not None else {}), **final},
         best_checkpoint=best if best and Path(best).is_file() else "",  # not a parent run's best, named here
         last_checkpoint=str(last) if last.is_file() else "")
-    if in_sweep():
-        with contextlib.suppress(Exception):  # a table never fails a job
-            summarise(HydraConfig.get().sweep.dir)
     return objective
 
 

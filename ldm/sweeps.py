@@ -97,8 +97,8 @@ def collect(sweep_dir: str | os.PathLike) -> tuple[list[dict[str, Any]], list[st
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise ValueError(f"no such sweep folder: {sweep_dir}")
-    rows, params = [], []
-    for job in job_folders(sweep_dir):
+    rows, params, jobs = [], [], job_folders(sweep_dir)
+    for job in jobs:
         overrides = read_overrides(job)
         result = _read_result(job)
         values = dict(o.split("=", 1) for o in overrides if "=" in o)
@@ -116,7 +116,7 @@ def collect(sweep_dir: str | os.PathLike) -> tuple[list[dict[str, Any]], list[st
             "error": result.get("error") or "", "overrides": " ".join(overrides),
         })
     keys = list(dict.fromkeys(k for p in params for k in p))
-    searched = searched_keys(job_folders(sweep_dir)[0]) if rows else set()
+    searched = searched_keys(jobs[0]) if jobs else set()
     swept = [param_column(k) for k in keys if k in searched or len({p.get(k) for p in params}) > 1]
     return rows, swept
 
@@ -174,7 +174,11 @@ def _finite(value: Any) -> bool:
 def summarise(sweep_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``summary.csv``, ``summary.md`` and (with a completed job and a swept parameter)
     ``objective_vs_params.png`` into ``sweep_dir``; returns their paths by kind."""
-    sweep_dir = Path(sweep_dir)
+    return _summarise(Path(sweep_dir))[0]
+
+
+def _summarise(sweep_dir: Path) -> tuple[dict[str, Path], str]:
+    """(:func:`summarise`'s paths, a one-line verdict naming the best job)."""
     rows, swept = collect(sweep_dir)
     if not rows:
         raise ValueError(f"{sweep_dir} holds no jobs (no <job>/.hydra/overrides.yaml below it); give the folder "
@@ -188,7 +192,9 @@ def summarise(sweep_dir: str | os.PathLike) -> dict[str, Path]:
            "markdown": atomic_write_text(sweep_dir / "summary.md", _markdown(sweep_dir, table, swept, metrics, best))}
     if best is not None and swept:
         out["plot"] = plot_objective(sweep_dir / "objective_vs_params.png", rows, swept, best)
-    return out
+    verdict = (f"{len(rows)} job(s); best: job {rows[best]['job']}, objective {format_value(rows[best]['objective'])}"
+               if best is not None else f"{len(rows)} job(s); no job completed with a comparable finite objective")
+    return out, verdict
 
 
 def _csv(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
@@ -299,16 +305,12 @@ class SweepSummary(Callback):
     @staticmethod
     def _write(sweep_dir: Path, final: bool) -> None:
         try:
-            paths = summarise(sweep_dir)
+            paths, verdict = _summarise(sweep_dir)
         except Exception as err:  # a table must never fail a sweep
             log.warning("sweep summary of %s not written: %s", sweep_dir, err)
             return
         if final:
-            rows, _ = collect(sweep_dir)
-            best = best_row(rows)
-            log.info("sweep summary: %s%s", paths["markdown"],
-                     f" (best: job {rows[best]['job']}, objective {format_value(rows[best]['objective'])})"
-                     if best is not None else " (no job completed)")
+            log.info("sweep summary: %s (%s)", paths["markdown"], verdict)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -317,13 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("sweep_dir", help="the folder a multirun wrote (hydra.sweep.dir), with one folder per job")
     args = p.parse_args(argv)
     try:
-        paths = summarise(args.sweep_dir)
+        paths, verdict = _summarise(Path(args.sweep_dir))
     except ValueError as e:
         p.error(str(e))
-    rows, _ = collect(args.sweep_dir)
-    best = best_row(rows)
     for path in paths.values():
         print(f"wrote {path}")
-    print(f"{len(rows)} job(s); " + (f"best: job {rows[best]['job']}, objective {format_value(rows[best]['objective'])}"
-                                     if best is not None else "no job completed with a finite objective"))
+    print(verdict)
     return 0
