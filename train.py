@@ -71,6 +71,14 @@ def auto_precision(accelerator: str = "auto") -> str:
     return "32-true"
 
 
+def latents_on_gpu(cfg: DictConfig) -> bool:
+    """``latent_data.on_gpu``; ``auto``: on when the run trains on CUDA (in-memory latents gathered on the GPU)."""
+    value = cfg.latent_data.get("on_gpu", False)
+    if value == "auto":
+        return str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return bool(value)
+
+
 def check_config(cfg: DictConfig) -> None:
     """Reject impossible settings before any work starts, naming the key and the fix."""
     problems = []
@@ -334,7 +342,7 @@ def build_ldm_stage(cfg: DictConfig, config: dict):
         stats = manifest["latent_stats"]  # an imported autoencoder's statistics: measured once, kept in the cache
     if (problem := channel_spread_problem(stats or {}, str(cfg.latent_norm))) is not None:
         log.warning(problem)
-    data = instantiate(cfg.latent_data, path=str(cache_dir))
+    data = instantiate(cfg.latent_data, path=str(cache_dir), on_gpu=latents_on_gpu(cfg))
     check_labels(cfg, text_encoder, data.dataset("train"), f"the latent cache {cache_dir}")
     latent_shape = tuple(manifest["latent_shape"])
     f = autoencoder.downsample_factor

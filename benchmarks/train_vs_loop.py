@@ -99,6 +99,29 @@ def install_ranges() -> None:
     pl.LightningModule.log_dict = ranged("pl.LightningModule.log_dict", pl.LightningModule.log_dict)
 
 
+DATA_WAIT = [0.0]  # host seconds spent in the train loader's next() (both paths), read per timed window
+
+
+def install_data_timer() -> None:
+    """Time every next() on a train loader (ResumableDataLoader): the host waiting for the next batch."""
+    from ldm.data.resumable import ResumableDataLoader
+
+    original = ResumableDataLoader.__iter__
+
+    def timed(self):
+        batches = original(self)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            DATA_WAIT[0] += time.perf_counter() - t0
+            yield batch
+
+    ResumableDataLoader.__iter__ = timed
+
+
 class RangeProfiler(Profiler):
     """Lightning profiler that turns each hook Lightning times into a torch.profiler range (while RANGES_ON)."""
 
@@ -171,6 +194,7 @@ class Window:
                 self._prof = None
             if self.cuda:
                 torch.cuda.reset_peak_memory_stats(self.device)
+            DATA_WAIT[0] = 0.0
             self._t0 = time.perf_counter()
 
     def after(self, i: int) -> None:
@@ -182,6 +206,9 @@ class Window:
                 "step_ms": round(1000 * elapsed / self.S, 2),
                 "peak_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3) if self.cuda else None,
                 "timed_steps": self.S,
+                # host time inside the train loader's next(): 0 for the loop's GPU-resident latents
+                "data_wait_ms_per_step": round(1000 * DATA_WAIT[0] / self.S, 3),
+                "data_wait_fraction": round(DATA_WAIT[0] / elapsed, 4),
             })
             if self.sync_sites:
                 steps = max(1, self.W - max(self.W - 2, 1))
@@ -415,7 +442,9 @@ class Loop:
         self.logvar = ds.tensors["logvar"].to(device).float()
         self.captions = ds.lists["caption"]
         self.n = len(self.captions)
-        self.data_module = instantiate(cfg.latent_data, path=str(cfg.cache_dir))
+        import train as train_py
+        on_gpu = {"on_gpu": train_py.latents_on_gpu(cfg)} if hasattr(train_py, "latents_on_gpu") else {}
+        self.data_module = instantiate(cfg.latent_data, path=str(cfg.cache_dir), **on_gpu)
         self.cuda = device.type == "cuda"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
 
@@ -500,7 +529,10 @@ class Loop:
             opt.step()
             if sched is not None:
                 sched.step()
-            if ema is not None and guard.last_ok:
+            applied = getattr(guard, "last_applied", guard.last_ok)  # a device bool: decided without a sync
+            if ema is not None and isinstance(applied, torch.Tensor):
+                ldm_module.ema_update(ema, self.unet, ema_decay_at(step, self.ema_decay), applied=applied)
+            elif ema is not None and applied:
                 decay = ema_decay_at(step, self.ema_decay)
                 if v["foreach_ema"]:
                     with record_function("ldm.ema_update"), torch.no_grad():
@@ -559,12 +591,16 @@ def run_train_py(args, mode: str, device: torch.device, raw_dir: Path | None, va
     cfg = compose_train(overrides, run_dir)
     saved = pl.Trainer.save_checkpoint
     pl.Trainer.save_checkpoint = lambda self, *a, **k: None  # train()'s final save (GiBs for sd15): outside the window
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # the loop's models, kept for ABAB
     t0 = time.perf_counter()
     try:
         train_py.train(cfg)
     finally:
         pl.Trainer.save_checkpoint = saved
     result = dict(window.result)
+    if held and result.get("peak_gib") is not None:  # train.py's own peak: without what the loop holds meanwhile
+        result["peak_gib_with_loop_resident"] = result["peak_gib"]
+        result["peak_gib"] = round(result["peak_gib"] - held / 2**30, 3)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     perf = run_dir / "perf.json"
     result["perf_json"] = json.loads(perf.read_text()) if perf.is_file() else None
@@ -588,6 +624,22 @@ def dynamo_counters() -> dict:
     return {k: dict(v) for k, v in counters.items() if v}
 
 
+def medians(res: dict) -> dict:
+    """Median img/s of each path over the repeats, and train.py's default over each loop variant."""
+    runs: dict[str, list[float]] = defaultdict(list)
+    for path in ("loop", "train_py"):
+        for name, r in res.get(path, {}).items():
+            if r.get("img_per_s"):
+                runs[f"{path}/{name.split('#')[0]}"].append(r["img_per_s"])
+    med = {k: round(sorted(v)[len(v) // 2] if len(v) % 2 else sum(sorted(v)[len(v) // 2 - 1:len(v) // 2 + 1]) / 2, 2)
+           for k, v in runs.items()}
+    out = {"img_per_s": med, "runs": dict(runs)}
+    if med.get("train_py/default"):
+        out["train_py_over_loop"] = {k.split("/", 1)[1]: round(med["train_py/default"] / v, 3)
+                                     for k, v in med.items() if k.startswith("loop/")}
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="sd15", choices=sorted(PRESETS))
@@ -596,6 +648,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (eager 5, compiled 8)")
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--steps", type=int, default=15, help="timed steps")
+    p.add_argument("--repeats", type=int, default=1, help="loop and train.py alternate this many times (ABAB)")
     p.add_argument("--variants", default="recipe,all_fixes",
                    help=f"loop variants for eager, comma list of {','.join(VARIANTS)} or 'all'")
     p.add_argument("--compiled-variants", default="recipe,all_fixes")
@@ -629,6 +682,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     modes = [m for m in args.modes.split(",") if m]
     install_ranges()
+    install_data_timer()
     torch._logging.set_logs(recompiles=True, graph_breaks=True)
     prepare(args)
     report = {
@@ -647,42 +701,48 @@ def main(argv=None) -> dict:
         args_m = argparse.Namespace(**{**vars(args), "warmup": warmup})
         res = report["results"].setdefault(mode, {})
         cfg = compose_train(train_overrides(args_m, mode, Path(args.work_dir) / "compose"), Path(args.work_dir))
-        if "loop" in args.paths:
-            names = args.variants if mode == "eager" else args.compiled_variants
-            names = list(VARIANTS) if names == "all" else [n for n in names.split(",") if n]
-            free(device)
-            loop = Loop(cfg, device, compiled=mode == "compiled")
-            for name in names:
-                if args.deadline and time.perf_counter() - START > args.deadline:
-                    res.setdefault("skipped", []).append(f"loop/{name}")
-                    continue
-                window = Window(device, args.batch, warmup, args.profile_steps if name in ("recipe", "all_fixes")
-                                else 0, args.steps, f"{args.preset}_{mode}_loop_{name}", args.raw_dir)
-                t0 = time.perf_counter()
-                r = loop.run(window, VARIANTS[name])
-                r["wall_s"] = round(time.perf_counter() - t0, 1)
-                res.setdefault("loop", {})[name] = r
-                print(f"[{elapsed()}] {args.preset} {mode:8s} loop/{name:16s} {r['img_per_s']:9.1f} img/s "
-                      f"peak {r['peak_gib']} GiB  syncs/step {r.get('host_syncs_per_step')}", flush=True)
-                save()
+        loop = None
+        for rep in range(args.repeats):  # loop and train.py alternate (ABAB): drifts of the machine hit both
+            tag = f"#{rep}" if rep else ""
+            if "loop" in args.paths:
+                names = args.variants if mode == "eager" else args.compiled_variants
+                names = list(VARIANTS) if names == "all" else [n for n in names.split(",") if n]
+                if loop is None:
+                    free(device)
+                    loop = Loop(cfg, device, compiled=mode == "compiled")
+                for name in names:
+                    if args.deadline and time.perf_counter() - START > args.deadline:
+                        res.setdefault("skipped", []).append(f"loop/{name}{tag}")
+                        continue
+                    window = Window(device, args.batch, warmup, args.profile_steps if name in ("recipe", "all_fixes")
+                                    and not rep else 0, args.steps, f"{args.preset}_{mode}_loop_{name}", args.raw_dir)
+                    t0 = time.perf_counter()
+                    r = loop.run(window, VARIANTS[name])
+                    r["wall_s"] = round(time.perf_counter() - t0, 1)
+                    res.setdefault("loop", {})[name + tag] = r
+                    print(f"[{elapsed()}] {args.preset} {mode:8s} loop/{name + tag:16s} {r['img_per_s']:9.1f} img/s "
+                          f"peak {r['peak_gib']} GiB  syncs/step {r.get('host_syncs_per_step')}", flush=True)
+                    save()
+            if "train" in args.paths:
+                names = args.train_variants if mode == "eager" else args.compiled_train_variants
+                for name in [n for n in names.split(",") if n]:
+                    if args.deadline and time.perf_counter() - START > args.deadline:
+                        res.setdefault("skipped", []).append(f"train_py/{name}{tag}")
+                        continue
+                    torch.backends.cudnn.benchmark = False
+                    r = run_train_py(args_m, mode, device, args.raw_dir if not rep else None, name)
+                    res.setdefault("train_py", {})[name + tag] = r
+                    print(f"[{elapsed()}] {args.preset} {mode:8s} train.py/{name + tag:15s} {r.get('img_per_s')} img/s "
+                          f"peak {r.get('peak_gib')} GiB  syncs/step {r.get('host_syncs_per_step')}  data wait "
+                          f"{r.get('data_wait_fraction')}  (perf.json {(r['perf_json'] or {}).get('images_per_s')})",
+                          flush=True)
+                    res[f"dynamo_counters_after_train_py_{name}{tag}"] = dynamo_counters()
+                    save()
+        if loop is not None:
             del loop
             res["dynamo_counters_after_loop"] = dynamo_counters()
             free(device)
-        if "train" in args.paths:
-            names = args.train_variants if mode == "eager" else args.compiled_train_variants
-            for name in [n for n in names.split(",") if n]:
-                if args.deadline and time.perf_counter() - START > args.deadline:
-                    res.setdefault("skipped", []).append(f"train_py/{name}")
-                    continue
-                torch.backends.cudnn.benchmark = False
-                r = run_train_py(args_m, mode, device, args.raw_dir, name)
-                res.setdefault("train_py", {})[name] = r
-                print(f"[{elapsed()}] {args.preset} {mode:8s} train.py/{name:15s} {r.get('img_per_s')} img/s peak "
-                      f"{r.get('peak_gib')} GiB  syncs/step {r.get('host_syncs_per_step')}  (perf.json "
-                      f"{(r['perf_json'] or {}).get('images_per_s')})", flush=True)
-                res[f"dynamo_counters_after_train_py_{name}"] = dynamo_counters()
-                free(device)
-                save()
+        res["medians"] = medians(res)
         loop_res = res.get("loop", {})
         train_default = res.get("train_py", {}).get("default", {})
         if train_default.get("img_per_s"):

@@ -132,3 +132,68 @@ def test_training_metrics_stay_off_the_progress_bar_and_the_bar_counts_steps(tmp
     out = capsys.readouterr()
     text = (out.out + out.err).replace("\r", "\n")
     assert "6/6" in text and "rec_loss=" in text and "Epoch 0/" not in text
+
+
+@pytest.mark.parametrize("on_gpu", [False, pytest.param(True, marks=pytest.mark.gpu)], ids=["host", "gpu"])
+def test_in_memory_latent_batches_are_gathered_whole_and_equal_per_sample_batches(stage1_ckpt, tmp_path, on_gpu):
+    """``LatentMemoryDataset.__getitems__`` (and, on CUDA, batches gathered on the GPU) give the batches the
+    per-sample path gave, in the same order, across epochs and after a mid-epoch resume of the loader."""
+    from stage2_fixtures import shapes_data_module
+
+    from ldm.cache import build_cache
+    from ldm.data.latent_format import collate_latents
+    from ldm.data.latents import LatentDataModule, LatentMemoryDataset
+    from ldm.data.resumable import batch_len
+
+    build_cache(stage1_ckpt, shapes_data_module(size=10, val_size=4, batch_size=2), tmp_path, device="cpu",
+                progress=False, shard_size=4)
+    data = LatentDataModule(tmp_path, batch_size=3, num_workers=0, in_memory=True, on_gpu=on_gpu, seed=5)
+    loader = data.train_dataloader()
+    assert loader.num_workers == 0 and not loader.pin_memory
+    reference = LatentMemoryDataset(tmp_path, "train")
+    order = [i for e in range(3) for i in loader.sampler._order(e)[:9]]  # 3 whole batches per epoch
+    batches = []
+    for _ in range(3):
+        for batch in loader:
+            loader.advance(batch_len(batch))  # what the training-state callback does after each step
+            batches.append(batch)
+    assert len(batches) == 9
+    for n, batch in enumerate(batches):
+        expected = collate_latents([reference[i] for i in order[3 * n:3 * n + 3]])
+        assert batch.keys() == expected.keys()
+        for key, value in expected.items():
+            got = batch[key]
+            if isinstance(value, torch.Tensor):
+                assert got.device.type == ("cuda" if on_gpu else "cpu")
+                assert got.dtype == value.dtype and torch.equal(got.cpu(), value), key
+            else:
+                assert got == value, key
+    # resume mid-epoch: a fresh loader restored from the state after 4 batches continues with batch 5
+    fresh = LatentDataModule(tmp_path, batch_size=3, num_workers=0, in_memory=True, on_gpu=on_gpu, seed=5)
+    resumed = fresh.train_dataloader()
+    resumed.load_state_dict({"epoch": 1, "consumed": 3, "batch_size": 3})
+    first = next(iter(resumed))
+    assert batch_len(first) == 3 and first["key"] == batches[4]["key"]
+    assert torch.equal(first["mean"].cpu(), batches[4]["mean"].cpu())
+
+
+@pytest.mark.gpu
+def test_stage1_compiled_trains_like_eager_with_the_same_checkpoint_keys(tmp_path):
+    """module.compile=true for stage 1 (encoder, decoder, LPIPS, discriminator compiled; the adaptive GAN weight
+    differentiates the decoder twice): a run with the GAN active trains, its losses track the eager run's and its
+    checkpoint has the eager run's keys."""
+    from ldm.checkpoint import load_torch_file
+
+    runs = {}
+    for compiled in (False, True):
+        cfg = compose_train([*[o for o in TINY_RUN if not o.startswith("trainer.accelerator")], "trainer=gpu",
+                             "trainer.max_steps=6", "loss.disc_start=2", "trainer.val_check_interval=3",
+                             "trainer.check_val_every_n_epoch=null", "callbacks.throughput=null",
+                             "data.dataset.size=8", f"module.compile={str(compiled).lower()}"],
+                            output_dir=tmp_path / str(compiled))
+        runs[compiled] = train.train(cfg)
+        assert torch.isfinite(torch.tensor(runs[compiled]["train/rec_loss"]))
+    torch.testing.assert_close(torch.tensor(runs[True]["train/rec_loss"]), torch.tensor(runs[False]["train/rec_loss"]),
+                               rtol=0.05, atol=0.02)
+    keys = [load_torch_file(tmp_path / str(c) / "checkpoints" / "last.ckpt")["state_dict"].keys() for c in (False, True)]
+    assert keys[0] == keys[1]

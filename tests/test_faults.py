@@ -117,9 +117,11 @@ class InjectNaN(pl.Callback):
         self.after[trainer.global_step - 1] = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
 
-def test_nan_gradients_are_skipped_counted_and_never_applied(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["host-decision", "device-decision"])
+def test_nan_gradients_are_skipped_counted_and_never_applied(tmp_path, monkeypatch, fused):
     """Stage 2 (automatic optimisation, EMA): steps 2 and 3 get a NaN gradient; the U-Net, its EMA and the
-    optimizer do not move on them, the run goes on and ends well, and the checkpoint counts 2 skipped steps."""
+    optimizer do not move on them, the run goes on and ends well, and the checkpoint counts 2 skipped steps.
+    With a fused AdamW (the default on CUDA) the decision stays on the device (tests/test_step_guard.py)."""
     s1 = make_stage1_checkpoint(tmp_path / "s1" / "last.ckpt")
     probe = InjectNaN({2, 3})
     real_trainer = pl.Trainer
@@ -129,7 +131,8 @@ def test_nan_gradients_are_skipped_counted_and_never_applied(tmp_path, monkeypat
 
     monkeypatch.setattr(pl, "Trainer", trainer_with_probe)
     cfg = compose_train(STAGE2 + [f"autoencoder.pretrained={s1}", "trainer.max_steps=6",
-                                  f"paths.latent_cache_root={tmp_path / 'cache'}"], output_dir=tmp_path / "run")
+                                  f"paths.latent_cache_root={tmp_path / 'cache'}"]
+                        + (["+module.optimizer.fused=true"] if fused else []), output_dir=tmp_path / "run")
     metrics = train.train(cfg)
     for step in (2, 3):
         for k, v in probe.before[step].items():

@@ -179,8 +179,11 @@ def decode_sample(raw: Mapping[str, Any], float32: bool = True) -> dict[str, Any
     return out
 
 
-def collate_latents(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack tensors (label -> LongTensor [B]); caption, attributes and key stay lists of str."""
+def collate_latents(samples: Sequence[Mapping[str, Any]] | dict[str, Any]) -> dict[str, Any]:
+    """Stack tensors (label -> LongTensor [B]); caption, attributes and key stay lists of str. A batch a
+    dataset built itself (``__getitems__``) passes through."""
+    if isinstance(samples, dict):
+        return samples
     batch = {k: [s[k] for s in samples] for k in LIST_FIELDS}
     batch.update(default_collate([{k: v for k, v in s.items() if k not in LIST_FIELDS} for s in samples]))
     return batch

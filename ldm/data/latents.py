@@ -240,7 +240,10 @@ class LatentMemoryDataset(Dataset):
     """One split of a latent cache decoded once into tensors (stored dtype), served map-style as float32.
 
     For small caches, where decoding tar members would dominate a training step. Use it with any sampler
-    (Lightning swaps in a DistributedSampler under DDP).
+    (Lightning swaps in a DistributedSampler under DDP). A DataLoader fetches whole batches through
+    ``__getitems__`` (one gather per tensor instead of a dict per sample and a collate). ``on_gpu()`` keeps the
+    tensors on the current CUDA device (moved at the first batch, after the trainer chose the device): batches are
+    gathered there, with no host copy and no worker, and equal the host batches.
     """
 
     def __init__(self, path: str | Path, split: str = "train") -> None:
@@ -257,9 +260,18 @@ class LatentMemoryDataset(Dataset):
                                                                           "context_mask") if k in samples[0]}
         self.lists = {k: [s[k] for s in samples] for k in LIST_FIELDS}
         self.labels = torch.tensor([s["label"] for s in samples]) if "label" in samples[0] else None
+        self._gpu = False  # move to the current CUDA device at the next batch
 
     def __len__(self) -> int:
         return len(self.lists["key"])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def on_gpu(self) -> LatentMemoryDataset:
+        self._gpu = True
+        return self
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         out = {k: (v[index].float() if v.is_floating_point() else v[index]) for k, v in self.tensors.items()}
@@ -268,8 +280,25 @@ class LatentMemoryDataset(Dataset):
             out["label"] = int(self.labels[index])
         return out
 
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        """The batch of ``indices``, as ``collate_latents`` of their ``__getitem__`` samples would be."""
+        if self._gpu and next(iter(self.tensors.values())).device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+            self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+            self.labels = self.labels.to(device) if self.labels is not None else None
+        device = next(iter(self.tensors.values())).device
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if device.type == "cuda":  # a pinned, non-blocking copy: the step does not wait for the GPU
+            idx = idx.pin_memory().to(device, non_blocking=True)
+        out: dict[str, Any] = {k: [v[i] for i in indices] for k, v in self.lists.items()}
+        out.update({k: (v[idx].float() if v.is_floating_point() else v[idx]) for k, v in self.tensors.items()})
+        if self.labels is not None:
+            out["label"] = self.labels[idx]
+        return out
+
     def __repr__(self) -> str:
-        return f"LatentMemoryDataset({str(self.root)!r}, split={self.split!r}, samples={len(self)})"
+        where = ", on the GPU" if self._gpu else ""
+        return f"LatentMemoryDataset({str(self.root)!r}, split={self.split!r}, samples={len(self)}{where})"
 
 
 class LatentDataModule:
@@ -281,6 +310,8 @@ class LatentDataModule:
         num_workers, pin_memory, persistent_workers, prefetch_factor: DataLoader settings.
         in_memory: True = ``LatentMemoryDataset`` (decode every split once), False = ``LatentShardDataset``
             (stream), None = in memory when the split's shards total at most ``in_memory_max_mb``.
+        on_gpu: keep in-memory splits of at most ``on_gpu_max_mb`` on the training GPU and gather batches there
+            (no workers, no host copies; train.py turns it on for CUDA runs). Streamed splits ignore it.
         shuffle_buffer, epoch_size: streaming only (see ``LatentShardDataset``).
         seed: shuffling seed (epoch-seeded permutation in memory, shard/buffer shuffling when streaming).
 
@@ -291,7 +322,8 @@ class LatentDataModule:
     def __init__(self, path: str | Path, batch_size: int = 64, val_batch_size: int | None = None,
                  num_workers: int = 2, in_memory: bool | None = None, in_memory_max_mb: float = 1024,
                  shuffle_buffer: int = 1000, epoch_size: int | None = None, pin_memory: bool = True,
-                 persistent_workers: bool | None = None, prefetch_factor: int | None = None, seed: int = 0) -> None:
+                 persistent_workers: bool | None = None, prefetch_factor: int | None = None, seed: int = 0,
+                 on_gpu: bool = False, on_gpu_max_mb: float = 4096) -> None:
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1) or num_workers < 0:
             raise ValueError(f"need batch sizes >= 1 and num_workers >= 0, got {batch_size}, {val_batch_size}, "
                              f"{num_workers}")
@@ -306,6 +338,7 @@ class LatentDataModule:
             bool(persistent_workers) and num_workers > 0)
         self.prefetch_factor = prefetch_factor
         self.seed = int(seed)
+        self.on_gpu, self.on_gpu_max_mb = bool(on_gpu), on_gpu_max_mb
         self._datasets: dict[str, Dataset] = {}
 
     @property
@@ -337,11 +370,19 @@ class LatentDataModule:
             raise ValueError(f"the train split has {len(ds)} samples per rank, fewer than batch_size={batch_size}; "
                              "with drop_last no batch would remain. Lower batch_size or cache more images.")
         extra: dict[str, Any] = {"collate_fn": collate_latents}
-        if self.num_workers > 0:
+        workers, pin = self.num_workers, self.pin_memory
+        if self._gpu_resident(ds):  # batches are gathered on the GPU in this process
+            ds.on_gpu()
+            workers, pin = 0, False
+        if workers > 0:
             extra["persistent_workers"] = self.persistent_workers
             if self.prefetch_factor is not None:
                 extra["prefetch_factor"] = self.prefetch_factor
-        return make_loader(ds, train, batch_size, self.num_workers, self.pin_memory, self.seed + (not train), **extra)
+        return make_loader(ds, train, batch_size, workers, pin, self.seed + (not train), **extra)
+
+    def _gpu_resident(self, ds: Dataset) -> bool:
+        return (self.on_gpu and torch.cuda.is_available() and isinstance(ds, LatentMemoryDataset)
+                and ds.nbytes <= self.on_gpu_max_mb * 2**20)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
@@ -354,7 +395,7 @@ class LatentDataModule:
         counts = ", ".join(f"{s}: {info['num_samples']}" for s, info in m["splits"].items())
         lines = [f"LatentDataModule({str(self.path)!r}, latents {m['latent_shape']} {m['dtype']}, {counts}; "
                  f"autoencoder {m['autoencoder']['identity'][:12]}, batch_size={self.batch_size}, "
-                 f"num_workers={self.num_workers}, in_memory={self.in_memory}, seed={self.seed})"]
+                 f"num_workers={self.num_workers}, in_memory={self.in_memory}, on_gpu={self.on_gpu}, seed={self.seed})"]
         lines += [f"  {split}: {ds!r}" for split, ds in self._datasets.items()]
         return "\n".join(lines)
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.lit.optim import build_optimizer
-from ldm.lit.resilience import StepGuard, poison_if_not_finite, restart_optimisation
+from ldm.lit.resilience import StepGuard, amp_scaler, poison_if_not_finite, restart_optimisation
 from ldm.losses.autoencoder import AutoencoderLoss
 from ldm.metrics.recon import psnr, ssim
 from ldm.models.ema import ema_decay_at, ema_update
@@ -47,6 +47,9 @@ class AutoencoderModule(pl.LightningModule):
             whose loss or gradients were not finite (each one is skipped: ``ldm.lit.resilience.StepGuard``).
         history: the configs this run was trained under (``train.py`` appends one entry per resume that changed
             settings); stored in every checkpoint.
+        compile: ``torch.compile`` the training graph's parts in place (checkpoint keys unchanged): the encoder, the
+            decoder, the LPIPS network and the discriminator. The posterior sample and the losses' small glue
+            stay eager.
         latent_stats: set after training (scale and per-channel mean/std); stored in checkpoints.
     """
 
@@ -68,6 +71,7 @@ class AutoencoderModule(pl.LightningModule):
         ema_decay: float | None = None,
         max_consecutive_skips: int = 20,
         history: list[dict[str, Any]] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -91,6 +95,13 @@ class AutoencoderModule(pl.LightningModule):
         self.guard = StepGuard(max_consecutive_skips)
         self.history = list(history or [])
         self._resumed = False
+        if compile:  # after the EMA copy, which only validates
+            # the adaptive GAN weight differentiates the decoder's graph twice (retain_graph=True), which compiled
+            # backward graphs allow only without donated buffers
+            torch._functorch.config.donated_buffer = False
+            for part in (autoencoder.encoder, autoencoder.decoder, loss.perceptual, loss.discriminator):
+                if part is not None:
+                    part.compile()
 
     # ----------------------------------------------------------------------------------------------- setup
     def learning_rate(self) -> float:
@@ -109,6 +120,9 @@ class AutoencoderModule(pl.LightningModule):
         return [opt_g, opt_d], [self.lr_scheduler_factory(opt_g), self.lr_scheduler_factory(opt_d)]
 
     # ---------------------------------------------------------------------------------------------- train
+    def on_train_end(self) -> None:
+        self.guard.finish()  # the skip decisions not read yet (StepGuard reads them a step late)
+
     def on_train_start(self) -> None:
         if self._resumed:  # the new config's optimizer settings and LR schedule, at the resumed step
             restart_optimisation(self, [self.optimizer_factory, self.disc_optimizer_factory], self.learning_rate(),
@@ -127,7 +141,7 @@ class AutoencoderModule(pl.LightningModule):
         # Lightning calls this inside `opt.step()` after AMP has unscaled the gradients (16-mixed), so the
         # threshold is in true gradient units; clipping before `opt.step()` would see loss-scaled gradients.
         # Non-finite gradients are dropped here, so the step applies nothing.
-        self.guard.check(optimizer, self.gradient_clip_val)
+        self.guard.check(optimizer, self.gradient_clip_val, amp_scaler(self.trainer))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()
@@ -144,7 +158,7 @@ class AutoencoderModule(pl.LightningModule):
         recon, posterior = self.autoencoder(x, generator=noise)
         g_loss, logs = self.loss.generator_loss(x, recon, posterior, step, self.autoencoder.get_last_layer())
         self._update(opt_g, g_loss, do_step)
-        generator_applied = self.guard.last_ok
+        generator_applied = self.guard.last_applied
         self.untoggle_optimizer(opt_g)
 
         if self.loss.discriminator_active(step):
@@ -155,8 +169,9 @@ class AutoencoderModule(pl.LightningModule):
             logs.update(d_logs)
 
         self.log_dict({f"train/{k}": v for k, v in logs.items()})  # the bar (StepProgressBar) reads them
-        if do_step and self.autoencoder_ema is not None and generator_applied:
-            ema_update(self.autoencoder_ema, self.autoencoder, ema_decay_at(step, self.ema_decay))
+        if do_step and self.autoencoder_ema is not None:
+            ema_update(self.autoencoder_ema, self.autoencoder, ema_decay_at(step, self.ema_decay),
+                       applied=generator_applied)
         if do_step:
             self.guard.end_step(step)
             self.log("train/skipped_steps", torch.tensor(float(self.guard.total)))  # CPU: no copy to the GPU

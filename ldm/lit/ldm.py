@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ldm.data.latents import normalize_latents, sample_posterior
 from ldm.generate import LatentDiffusion, generate, training_condition
 from ldm.lit.optim import build_optimizer
-from ldm.lit.resilience import StepGuard, poison_if_not_finite, restart_optimisation
+from ldm.lit.resilience import StepGuard, amp_scaler, poison_if_not_finite, restart_optimisation
 from ldm.losses.diffusion import DiffusionLoss
 from ldm.models.ema import ema_decay_at, ema_update
 
@@ -127,6 +127,9 @@ class LatentDiffusionModule(pl.LightningModule):
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
 
+    def on_train_end(self) -> None:
+        self.guard.finish()  # the skip decisions not read yet (StepGuard reads them a step late)
+
     def on_train_start(self) -> None:
         if self._resumed:  # the new config's optimizer settings and LR schedule, at the resumed step
             restart_optimisation(self, [self.optimizer_factory], self.learning_rate(), self.lr_scheduler_factory)
@@ -159,14 +162,14 @@ class LatentDiffusionModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # after AMP unscaling (16-mixed), so the clip threshold is in true gradient units; non-finite gradients
         # are dropped here, so the step applies nothing
-        self.guard.check(optimizer, self.gradient_clip_val)
+        self.guard.check(optimizer, self.gradient_clip_val, amp_scaler(self.trainer))
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         step = self.global_step
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # the EMA follows every applied update, inside the step, so a checkpoint saved at any hook holds both
-        if self.unet_ema is not None and self.guard.last_ok:
-            ema_update(self.unet_ema, self.unet, ema_decay_at(step, self.ema_decay))
+        if self.unet_ema is not None:
+            ema_update(self.unet_ema, self.unet, ema_decay_at(step, self.ema_decay), applied=self.guard.last_applied)
         self.guard.end_step(step)
         self.log("train/skipped_steps", torch.tensor(float(self.guard.total)))  # CPU: no copy to the GPU
 

@@ -98,27 +98,41 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 class StepGuard:
     """Decides, per optimizer update, whether its (unscaled, all-reduced) gradients are finite; clips them.
 
-    ``check`` is called right before ``optimizer.step`` (Lightning's ``on_before_optimizer_step``); when the
-    gradients are not finite it sets them to ``None``, which makes ``torch.optim`` skip every parameter (no
-    moment, step-count or weight-decay update). ``end_step`` closes a training step and raises
-    ``NonFiniteTrainingError`` after ``max_consecutive`` bad steps in a row (0: never). With a GAN (stage 1) each
-    optimizer's update is decided on its own: the generator steps before the discriminator's loss exists (as the
-    AMP scaler requires), so a bad discriminator update cannot take back a good generator update; the step counts
-    as bad when any of its updates was skipped.
+    ``check`` is called right before ``optimizer.step`` (Lightning's ``on_before_optimizer_step``) and skips the
+    update when the gradient norm is not finite: no moment, step-count or weight-decay update. ``end_step`` closes
+    a training step; after ``max_consecutive`` bad steps in a row (0: never) the run stops with
+    ``NonFiniteTrainingError``. With a GAN (stage 1) each optimizer's update is decided on its own: the generator
+    steps before the discriminator's loss exists (as the AMP scaler requires), so a bad discriminator update cannot
+    take back a good generator update; the step counts as bad when any of its updates was skipped.
+
+    Two ways to skip, with the same result:
+
+    - *on the device, no host sync* (a fused optimizer, e.g. AdamW on CUDA, without an AMP grad scaler): the
+      decision stays a GPU tensor handed to the fused kernel as ``found_inf`` (the mechanism ``GradScaler`` uses),
+      the EMA update is weighted by it (``applied``), and the host reads it one step later (a non-blocking copy),
+      so the counter, the warning and the stop come one step late and a step never waits for the GPU.
+    - *on the host* (any other optimizer, or 16-mixed, whose scaler decides itself): ``bool(isfinite(norm))``,
+      one sync per update, and the gradients of a bad update are set to ``None``.
 
     Forward passes in training mode also change state outside the optimizer: BatchNorm running statistics (the
     PatchGAN's). ``begin_step`` keeps a copy of those buffers and ``end_step`` puts back those of modules whose
     update was skipped, so a skipped update leaves no trace in the weights a checkpoint holds.
     """
 
-    def __init__(self, max_consecutive: int = 20) -> None:
+    def __init__(self, max_consecutive: int = 20, defer: bool = True) -> None:
         self.max_consecutive = int(max_consecutive)
+        self.defer = defer  # allow the device-side decision where the optimizer supports it
         self.total = 0  # bad steps in the whole run (restored on resume)
         self.in_a_row = 0
-        self.step_ok = True  # all updates of the current step were applied
-        self.last_ok = True  # the latest update was applied
+        self.last_applied: bool | Tensor = True  # the latest update was applied (a device bool when deferred)
         self._buffers: list[tuple[set[int], list[tuple[Tensor, Tensor]]]] | None = None
-        self._skipped: set[int] = set()  # ids of the parameters whose update was skipped this step
+        self._decisions: list[tuple[set[int], bool | Tensor]] = []  # (parameter ids, applied) of this step
+        self._pending: list[tuple[int, Tensor, Any]] = []  # (step, bad flag on the host, copy-done event)
+        self._last_bad = -1  # step of the latest skipped update
+
+    @property
+    def last_ok(self) -> bool | Tensor:  # the name the benchmarks use
+        return self.last_applied
 
     def begin_step(self, module: torch.nn.Module) -> None:
         """Call before the first forward pass of a training step (once per accumulation window)."""
@@ -126,47 +140,118 @@ class StepGuard:
             self._buffers = [({id(p) for p in m.parameters()}, [(b, b.detach().clone()) for b in m.buffers()])
                              for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
-    def check(self, optimizer: torch.optim.Optimizer, clip: float | None) -> bool:
+    def check(self, optimizer: torch.optim.Optimizer, clip: float | None, scaler: Any = None) -> None:
+        """Clip and decide one update. ``scaler``: the AMP ``GradScaler`` of 16-mixed training, if any."""
         params = [p for p in optimizer_params(optimizer) if p.grad is not None]
         if not params:
-            self.last_ok = True
-            return True
+            self.last_applied = True
+            return
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # a fused optimizer unscales inside its step, so Lightning leaves the gradients scaled: unscale them
+            # here, or the clip threshold would be in loss-scaled units (the scaler's step then knows)
+            scaler.unscale_(optimizer)
         if clip:
             norm = torch.nn.utils.clip_grad_norm_(params, float(clip), foreach=True)
         else:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
-        self.last_ok = bool(torch.isfinite(norm))  # the one host sync the guard costs
-        if not self.last_ok:
-            for p in params:
-                p.grad = None
-            self._skipped |= {id(p) for p in params}
-            self.step_ok = False
-        return self.last_ok
+        applied: bool | Tensor
+        if self._can_defer(optimizer, scaler):
+            applied = torch.isfinite(norm)
+            self._hook(optimizer)
+            optimizer.found_inf = (~applied).to(torch.float32)  # read (and removed) by the fused step
+        else:
+            applied = bool(torch.isfinite(norm))  # the one host sync of this path
+            if not applied:
+                for p in params:
+                    p.grad = None
+        self._decisions.append(({id(p) for p in params}, applied))
+        self.last_applied = applied
+
+    def _can_defer(self, optimizer: torch.optim.Optimizer, scaler: Any) -> bool:
+        return (self.defer and scaler is None and bool(optimizer.defaults.get("fused"))
+                and getattr(optimizer, "_step_supports_amp_scaling", False))
+
+    @staticmethod
+    def _hook(optimizer: torch.optim.Optimizer) -> None:
+        if not getattr(optimizer, "_ldm_found_inf_hook", False):  # once per optimizer: remove it after each step
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: opt.__dict__.pop("found_inf", None))
+            optimizer._ldm_found_inf_hook = True
 
     def end_step(self, step: int) -> None:
         buffers, self._buffers = self._buffers or [], None
-        if self.step_ok:
-            self.in_a_row = 0
+        decisions, self._decisions = self._decisions, []
+        with torch.no_grad():
+            for owners, saved in buffers:  # BatchNorm statistics of modules whose update was skipped go back
+                mine = [applied for ids, applied in decisions if ids & owners]
+                if not mine:
+                    continue
+                keep = _all(mine)
+                for live, copy in saved:
+                    if isinstance(keep, Tensor):
+                        live.copy_(torch.where(keep, live, copy))
+                    elif not keep:
+                        live.copy_(copy)
+        applied = _all([applied for _, applied in decisions])
+        if isinstance(applied, Tensor):  # read on the host one step later, without waiting now
+            bad = (~applied).to("cpu", non_blocking=True) if applied.is_cuda else ~applied
+            event = torch.cuda.Event() if applied.is_cuda else None
+            if event is not None:
+                event.record()
+            self._pending.append((step, bad, event))
+            self._settle(keep_newest=True)
         else:
-            with torch.no_grad():
-                for owners, saved in buffers:
-                    if owners & self._skipped:
-                        for live, copy in saved:
-                            live.copy_(copy)
-            self.total += 1
-            self.in_a_row += 1
-            log.warning("step %d: non-finite loss or gradients; the update was skipped (%d in a row, %d in all)",
-                        step, self.in_a_row, self.total)
-        self.step_ok, self._skipped = True, set()
+            self._settle(keep_newest=False)
+            self._count(step, not applied)
         if self.max_consecutive and self.in_a_row >= self.max_consecutive:
-            raise NonFiniteTrainingError(step, self.in_a_row, self.total)
+            raise NonFiniteTrainingError(self._last_bad, self.in_a_row, self.total)
+
+    def finish(self) -> None:
+        """Read every pending decision (end of training; before a checkpoint) and stop on a bad streak."""
+        self._settle(keep_newest=False)
+        if self.max_consecutive and self.in_a_row >= self.max_consecutive:
+            raise NonFiniteTrainingError(self._last_bad, self.in_a_row, self.total)
+
+    def _settle(self, keep_newest: bool) -> None:
+        ready, self._pending = (self._pending[:-1], self._pending[-1:]) if keep_newest else (self._pending, [])
+        for step, bad, event in ready:
+            if event is not None:
+                event.synchronize()  # recorded a step ago: normally done already
+            self._count(step, bool(bad))
+
+    def _count(self, step: int, bad: bool) -> None:
+        if not bad:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        self._last_bad = step
+        log.warning("step %d: non-finite loss or gradients; the update was skipped (%d in a row, %d in all)",
+                    step, self.in_a_row, self.total)
 
     def state_dict(self) -> dict[str, int]:
+        self._settle(keep_newest=False)
         return {"total": self.total, "in_a_row": self.in_a_row}
 
     def load_state_dict(self, state: dict[str, int] | None) -> None:
         state = state or {}
         self.total, self.in_a_row = int(state.get("total", 0)), int(state.get("in_a_row", 0))
+        self._pending = []
+
+
+def _all(decisions: list[bool | Tensor]) -> bool | Tensor:
+    """AND of the decisions: a host bool when one of them is ``False`` or none is a device tensor."""
+    if not all(d for d in decisions if not isinstance(d, Tensor)):
+        return False
+    out: bool | Tensor = True
+    for d in decisions:
+        if isinstance(d, Tensor):
+            out = d if out is True else out & d
+    return out
+
+
+def amp_scaler(trainer: pl.Trainer) -> Any:
+    """The AMP ``GradScaler`` of a 16-mixed run (None for bf16 / fp32)."""
+    return getattr(trainer.precision_plugin, "scaler", None)
 
 
 def check_finite_state(state: dict[str, Any], what: str) -> None:

@@ -18,18 +18,48 @@ def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, applied: bool | torch.Tensor = True) -> None:
     """``ema ← decay · ema + (1 − decay) · model`` for every parameter; buffers are copied.
 
     One multi-tensor ``lerp`` over all parameters (``torch._foreach_lerp_``: the same arithmetic as a ``lerp_`` per
-    tensor, in a few kernel launches instead of one per parameter)."""
+    tensor, in a few kernel launches instead of one per parameter).
+
+    ``applied``: whether the optimizer update this EMA follows was applied. ``False`` skips the update; a device
+    bool tensor (a decision that has not been read on the host: the bad-step guard of the training modules) weights it by
+    ``applied`` on the device instead, with no host sync: ``ema += w · (model − ema)``, ``w = (1 − decay) · applied``,
+    in chunks of at most ``_CHUNK`` elements of scratch memory (a fused ``lerp`` takes its weight only from the host;
+    the result can differ from it by the rounding of one fused multiply-add).
+    """
+    if applied is False:
+        return
     ema_params, params = _matched(ema.named_parameters(), model.named_parameters(), "parameter")
-    if ema_params:
-        torch._foreach_lerp_(ema_params, [p.to(e.dtype) for e, p in zip(ema_params, params, strict=True)],
-                             1.0 - decay)
+    params = [p.to(e.dtype) for e, p in zip(ema_params, params, strict=True)]
+    if ema_params and isinstance(applied, torch.Tensor):
+        weight = applied.to(torch.float32) * (1.0 - decay)
+        for lo, hi in _chunks(ema_params):
+            diff = torch._foreach_sub(params[lo:hi], ema_params[lo:hi])
+            torch._foreach_mul_(diff, weight)
+            torch._foreach_add_(ema_params[lo:hi], diff)
+    elif ema_params:
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
     ema_buffers, buffers = _matched(ema.named_buffers(), model.named_buffers(), "buffer")
     if ema_buffers:
         torch._foreach_copy_(ema_buffers, buffers)
+
+
+_CHUNK = 64 * 2**20  # elements of scratch memory per chunk of the device-weighted update (256 MiB in fp32)
+
+
+def _chunks(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    out, lo, size = [], 0, 0
+    for i, t in enumerate(tensors):
+        size += t.numel()
+        if size >= _CHUNK:
+            out.append((lo, i + 1))
+            lo, size = i + 1, 0
+    if lo < len(tensors):
+        out.append((lo, len(tensors)))
+    return out
 
 
 def _matched(ema_named, named, what: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

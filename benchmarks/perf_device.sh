@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Issue 16 measurements on one GPU, in one device call: JOB... run in order, each cut to the time left.
+#   OUT=<dir> LIMIT=<seconds> BASE=<snapshot of the old tree> bash benchmarks/perf_device.sh JOB...
+# Carry [".whl", ".carry/perf16/setup", ".carry/lpips16", ".carry/base"]: device wheels (README's device notes), the
+# stage-1 checkpoint that makes the latent caches, LPIPS weights (`python -m ldm.pretrained export-lpips --dtype
+# float16 --net vgg alex --out .carry/lpips16`) and `git archive <old commit> | tar -x -C .carry/base`.
+# JOBs:
+#   gpu_tests          pytest -m gpu on the guard, fast-path and stage-2 mixed-precision tests
+#   stage1_eager|stage1_compiled   train.py experiment=paper/kl_f8 at 256², batch 16, full loss (GAN from step 0)
+#   small_eager_old|small_eager_new|small_compiled_new|sd15_eager_old|sd15_eager_new|sd15_compiled_new
+#                      benchmarks/train_vs_loop.py (loop and train.py alternating, --repeats), old = $BASE
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site || exit 1
+export LDM_OFFLINE=1 PYTHONUNBUFFERED=1 LDM_CACHE_DIR=$PWD/.carry/lpips16
+mkdir -p /tmp/bin && ln -sf "$(command -v python3)" /tmp/bin/python && export PATH=/tmp/bin:$PATH
+START=$(date +%s); LIMIT=${LIMIT:-580}; BASE=${BASE:-.carry/base}
+(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+ python3 -c 'import torch, pytorch_lightning as pl; print(torch.__version__, pl.__version__)'; nproc) > $OUT/device.txt 2>&1
+S=benchmarks/train_vs_loop.py
+C="--ae-ckpt .carry/perf16/setup/ae.ckpt --setup-dir /tmp/tvl --profile-steps 0"
+STEPS1=${STEPS1:-90}
+for job in "$@"; do
+  left=$(( LIMIT - ($(date +%s) - START) ))
+  if [ $left -lt 45 ]; then echo "$job skipped: $left s left"; continue; fi
+  echo "[$(( $(date +%s) - START )) s] $job starts ($left s left)"
+  root=$PWD; case $job in *_old) root=$(cd "$BASE" && pwd);; esac
+  case $job in
+    gpu_tests) timeout $(( left - 5 )) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_step_guard.py \
+        tests/test_fast_paths.py tests/test_train_stage2.py > $OUT/$job.log 2>&1;;
+    stage1_*) c=false; [ $job = stage1_compiled ] && c=true
+      timeout $(( left - 5 )) python3 train.py run_name=$job experiment=paper/kl_f8 data=shapes trainer=gpu \
+        data.num_workers=14 batch_size=16 module.scale_lr=false module.base_learning_rate=1e-4 loss.disc_start=0 \
+        trainer.max_steps=$STEPS1 trainer.limit_val_batches=0 trainer.num_sanity_val_steps=0 \
+        trainer.val_check_interval=100000 trainer.check_val_every_n_epoch=null latent_stats_images=16 \
+        callbacks.throughput.warmup=30 module.compile=$c trainer.enable_progress_bar=false \
+        hydra.run.dir=/tmp/s1/$job > $OUT/$job.log 2>&1
+      cp /tmp/s1/$job/perf.json $OUT/$job.perf.json 2>/dev/null;;
+    small_eager_*) a="--preset small --modes eager --variants all_fixes --steps 40 --repeats 2";;
+    small_compiled_*) a="--preset small --modes compiled --compiled-variants all_fixes --steps 40 --repeats 2";;
+    sd15_eager_*) a="--preset sd15 --modes eager --variants all_fixes --steps 15 --repeats ${REPEATS:-2}";;
+    sd15_compiled_*) a="--preset sd15 --modes compiled --compiled-variants all_fixes --steps 15 --repeats ${REPEATS:-2}";;
+  esac
+  case $job in small_*|sd15_*)
+    TVL_ROOT=$root timeout $(( left - 5 )) python3 $S $a $C --deadline $(( left - 40 )) --out $OUT/$job.json \
+      >> $OUT/$job.log 2>&1;;
+  esac
+  echo "[$(( $(date +%s) - START )) s] $job rc=$?"
+  grep -E '^\[ |passed|failed|images_per_s' $OUT/$job.log | tail -12
+done
