@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.checkpoint import build_autoencoder, build_latent_diffusion
+from ldm.cli import print_help_and_exit, user_errors
 from ldm.data.common import check_resolution
 from ldm.data.datamodules import canonical_dataset
 from ldm.data.shapes import ShapesDataset
@@ -173,6 +174,7 @@ def report(results: dict[str, Any], out_dir: Path, results_csv: str | None, comp
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
+@user_errors("python evaluate.py")
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)
@@ -182,4 +184,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    print_help_and_exit("evaluate", "python evaluate.py")
     main()

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
+from ldm.cli import print_help_and_exit, user_errors
 from ldm.export import load_latent_diffusion
 from ldm.generate import generate, resolve_sampling
 
@@ -125,10 +126,12 @@ def quote_prompt_overrides(argv: list[str]) -> list[str]:
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
+@user_errors("python sample.py")
 def main(cfg: DictConfig) -> None:
     sample(cfg)
 
 
 if __name__ == "__main__":
+    print_help_and_exit("sample", "python sample.py")
     sys.argv[1:] = quote_prompt_overrides(sys.argv[1:])
     main()

@@ -34,6 +34,7 @@ from torch.utils.data import IterableDataset
 
 from ldm.cache import build_cache, read_stage1_checkpoint, with_latent_stats
 from ldm.checkpoint import add_latent_stats, architecture, build_autoencoder, load_torch_file, strict_load
+from ldm.cli import print_help_and_exit, quiet_lightning, user_errors
 from ldm.data.latent_format import autoencoder_identity, check_cache_compatible, read_manifest
 from ldm.data.latents import channel_spread_problem
 from ldm.distributed import resolve_device
@@ -199,6 +200,7 @@ def train(cfg: DictConfig, outcome: dict | None = None) -> dict[str, float]:
     """Fit the configured stage; returns the final logged metrics. ``outcome`` (optional) receives the trainer and
     the monitored metric's history as soon as they exist, for the job's ``result.json`` even when fit fails."""
     outcome = {} if outcome is None else outcome
+    quiet_lightning()
     check_config(cfg)
     if cfg.stage_name == "ldm":
         one_spelling(cfg)
@@ -421,6 +423,7 @@ def write_latent_stats(cfg: DictConfig, trainer: pl.Trainer, data, run_dir: Path
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@user_errors("python train.py")
 def main(cfg: DictConfig) -> float | None:
     """Train; return the objective for Hydra sweepers (None when the run failed: a failed trial, the sweep goes
     on). Every run leaves ``result.json`` in its folder, the row of a sweep's summary table."""
@@ -495,4 +498,5 @@ def record_job(cfg: DictConfig, run_dir: Path, outcome: dict, status: str, metri
 
 
 if __name__ == "__main__":
+    print_help_and_exit("train", "python train.py")
     main()

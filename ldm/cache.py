@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import ldm
 from ldm.checkpoint import build_autoencoder
+from ldm.cli import print_help_and_exit, user_errors
 from ldm.data.common import check_resolution
 from ldm.data.datamodules import canonical_dataset
 from ldm.data.latent_format import CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, autoencoder_identity
@@ -389,6 +390,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="cache")
+@user_errors("python -m ldm.cache")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
@@ -398,4 +400,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    print_help_and_exit("cache", "python -m ldm.cache")
     main()

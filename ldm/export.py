@@ -51,6 +51,7 @@ from ldm.checkpoint import (
 )
 from ldm.checkpoint import load_autoencoder as _load_autoencoder
 from ldm.checkpoint import load_unet as _load_unet
+from ldm.cli import print_help_and_exit, user_errors
 from ldm.diffusion.schedules import make_betas
 from ldm.interop.configs import (
     DIFFUSERS_VERSION,
@@ -360,10 +361,12 @@ def export(ckpt: str | os.PathLike, fmt: str, out: str | os.PathLike, weights: s
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="export")
+@user_errors("python -m ldm.export")
 def main(cfg: DictConfig) -> None:
     path = export(cfg.ckpt, cfg.format, cfg.out, weights=cfg.weights, dtype=cfg.dtype)
     print(path)
 
 
 if __name__ == "__main__":
+    print_help_and_exit("export", "python -m ldm.export")
     main()

@@ -8,6 +8,7 @@ Manual optimisation because the generator and the discriminator alternate with t
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -176,8 +177,10 @@ class AutoencoderModule(pl.LightningModule):
             self.guard.end_step(step)
             self.log("train/skipped_steps", torch.tensor(float(self.guard.total)))  # CPU: no copy to the GPU
         if do_step and self.lr_scheduler_factory is not None:
-            for scheduler in self.lr_schedulers():
-                scheduler.step()
+            with warnings.catch_warnings():  # the discriminator's schedule runs before its start (disc_start)
+                warnings.filterwarnings("ignore", message=r".*lr_scheduler\.step\(\)` before `optimizer\.step")
+                for scheduler in self.lr_schedulers():
+                    scheduler.step()
         if "n_bad" in batch:
             self.log("data/skipped", batch["n_bad"].sum().float(), reduce_fx="sum", on_step=False, on_epoch=True,
                      sync_dist=True)
