@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -27,7 +26,7 @@ from ldm.cli import print_help_and_exit, user_errors
 from ldm.data.common import check_resolution
 from ldm.data.datamodules import canonical_dataset
 from ldm.data.shapes import ShapesDataset
-from ldm.distributed import broadcast_object, init_distributed, resolve_device
+from ldm.distributed import broadcast_object, init_distributed
 from ldm.evaluation import evaluate_generation, evaluate_image_sets, evaluate_reconstruction
 from ldm.evaluation.imagesets import probe_image_set
 from ldm.export import read_any
@@ -42,10 +41,10 @@ from ldm.metrics.report import (
     flatten_results,
     write_results,
 )
+from ldm.runtime import autocast_dtype, resolve_device
 
 log = logging.getLogger("ldm.evaluate")
 TASKS = {"autoencoder": "recon", "ldm": "generation"}  # checkpoint stage -> task
-_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_task(cfg: DictConfig) -> tuple[str, dict[str, Any] | None]:
@@ -79,15 +78,6 @@ def pick_task(cfg: DictConfig) -> tuple[str, dict[str, Any] | None]:
     return TASKS[stage], ckpt
 
 
-def autocast_dtype(precision: str, device: torch.device, task: str) -> torch.dtype | None:
-    if precision == "auto":  # bf16 for sampling speed; reconstruction metrics stay in fp32
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if task == "generation" and bf16 else None
-    if precision not in _AUTOCAST:
-        raise ValueError(f"precision={precision!r}: use auto, fp32, bf16 or fp16")
-    return _AUTOCAST[precision]
-
-
 def latent_geometry(autoencoder) -> dict[str, int]:
     """The autoencoder's downsampling factor ``f`` and latent channels: columns of the results CSV, so that
     ``python -m ldm.report results.csv --x f --y rfid`` draws the paper's rFID-vs-f comparison."""
@@ -111,7 +101,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     if task != "fid" and cfg.resolution is None:  # the checkpoint's training resolution
         with open_dict(cfg):
             cfg.resolution = int(ckpt["ldm"]["config"]["resolution"])
-    amp = autocast_dtype(str(cfg.precision), device, task)
+    amp = autocast_dtype(str(cfg.precision), device, half_on_auto=task == "generation")  # recon metrics: fp32
     common = {"device": device, "batch_size": int(cfg.batch_size), "num_workers": int(cfg.num_workers),
               "progress": bool(cfg.progress)}
     log.info("task %s on %s (rank %d of %d), %s features -> %s", task, device, rank, world, extractor.name, out_dir)

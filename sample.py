@@ -26,9 +26,9 @@ from tqdm import tqdm
 from ldm.cli import print_help_and_exit, user_errors
 from ldm.export import load_latent_diffusion
 from ldm.generate import generate, resolve_sampling
+from ldm.runtime import autocast_dtype, resolve_device
 
 log = logging.getLogger("ldm.sample")
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -43,22 +43,6 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return [str(p) for p in prompts]
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but CUDA is not available; use device=cpu")
-    return torch.device(name)
-
-
-def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if precision not in _DTYPES:
-        raise ValueError(f"precision={precision!r}: use auto, fp32, bf16 or fp16")
-    return _DTYPES[precision]
-
-
 def sample(cfg: DictConfig) -> Path:
     prompts = read_prompts(cfg)
     # settings first: a typo must not wait for the checkpoint to load (keys named as the user set them)
@@ -66,7 +50,7 @@ def sample(cfg: DictConfig) -> Path:
     n = int(cfg.n)
     if n < 1:
         raise ValueError(f"n={n}: images per prompt must be >= 1")
-    device = pick_device(str(cfg.device))
+    device = resolve_device(str(cfg.device))
     model = load_latent_diffusion(cfg.ckpt, use_ema=cfg.use_ema).to(device)
     out_dir = Path(cfg.out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -81,7 +65,7 @@ def sample(cfg: DictConfig) -> Path:
     with tqdm(total=len(all_prompts), desc="sampling", unit="img") as bar:
         images = generate(model, all_prompts, sampler=cfg.sampler.name, steps=steps, cfg_scale=cfg_scale,
                           generator=generator, sampler_options=dict(cfg.sampler.options), batch_size=int(cfg.batch_size),
-                          autocast_dtype=pick_autocast(str(cfg.precision), device), progress=bar.update)
+                          autocast_dtype=autocast_dtype(str(cfg.precision), device), progress=bar.update)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timing = sampling_timing(images.shape[0], time.perf_counter() - started, device, int(cfg.batch_size))

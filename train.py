@@ -37,7 +37,6 @@ from ldm.checkpoint import add_latent_stats, architecture, build_autoencoder, lo
 from ldm.cli import print_help_and_exit, quiet_lightning, user_errors
 from ldm.data.latent_format import autoencoder_identity, check_cache_compatible, read_manifest
 from ldm.data.latents import channel_spread_problem
-from ldm.distributed import resolve_device
 from ldm.export import load_unet, pretrained_source, read_any
 from ldm.lit.callbacks import AtomicCheckpointIO, MonitorHistory, StepProgressBar
 from ldm.lit.resilience import (
@@ -59,17 +58,11 @@ from ldm.runs import (
     last_good_checkpoint,
     refuse_changes,
 )
+from ldm.runtime import auto_precision, resolve_device
 from ldm.sweeps import OBJECTIVE_MODES, objective_value, summarise, write_job_result
 
 log = logging.getLogger("ldm.train")
 HIGHER_IS_BETTER = ("val/psnr", "val/ssim")  # logged metrics a `monitor` (lowest is best) must not be
-
-
-def auto_precision(accelerator: str = "auto") -> str:
-    """bf16 autocast on GPUs that have it, fp16 autocast on older GPUs, fp32 on the CPU."""
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
 
 
 def latents_on_gpu(cfg: DictConfig) -> bool:

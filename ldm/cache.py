@@ -56,14 +56,14 @@ from ldm.data.latent_writer import (
     split_entry,
     write_json,
 )
-from ldm.distributed import barrier, init_distributed, resolve_device
+from ldm.distributed import barrier, init_distributed
 from ldm.models.latent_stats import latent_statistics
+from ldm.runtime import autocast_dtype, resolve_device, storage_dtype
 
 log = logging.getLogger("ldm.cache")
-STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-# "auto" is fp32: cuDNN already runs fp32 convolutions as TF32 on Ampere+ GPUs (fp16's 10-bit mantissa, fp32's
-# range); bf16/fp16 autocast are faster but round activations to 8/11 bits and fp16 can overflow.
-PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STORAGE_DTYPES = ("float16", "float32")
+# precision "auto" is fp32 here: cuDNN already runs fp32 convolutions as TF32 on Ampere+ GPUs (fp16's 10-bit
+# mantissa, fp32's range); bf16/fp16 autocast are faster but round activations to 8/11 bits and fp16 can overflow.
 # ------------------------------------------------------------------------------------------ loading
 
 def read_stage1_checkpoint(ckpt: str | os.PathLike | Mapping[str, Any], preset: Any = None) -> dict[str, Any]:
@@ -251,7 +251,7 @@ def build_cache(
             outputs are cached too; moved to ``device``. A trainable encoder is refused.
         device: "auto" = cuda:LOCAL_RANK when CUDA is available, else cpu.
         batch_size, num_workers: default to the data module's.
-        precision: "auto"/"fp32", "bf16" or "fp16" autocast for the encoders (see ``PRECISIONS``).
+        precision: "auto"/"fp32", "bf16" or "fp16" autocast for the encoders (``ldm.runtime.autocast_dtype``).
         max_images: cache at most this many images per split (map-style sources).
         overwrite: replace a cache in ``out_dir`` made with other settings (else that is an error).
         on_shard_done: called with the shard name after each shard is complete (progress hooks, tests).
@@ -260,11 +260,8 @@ def build_cache(
     destroying it under the same torchrun rendezvous. Ranks share ``out_dir`` (a shared filesystem across
     nodes); every rank returns the manifest dict.
     """
-    if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; choose one of {list(STORAGE_DTYPES)} (bfloat16 keeps "
-                         "3 fewer mantissa bits than float16 and latents fit float16's range)")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not supported; choose one of {list(PRECISIONS)}")
+    stored = storage_dtype(dtype, "dtype", STORAGE_DTYPES, " (bfloat16 keeps 3 fewer mantissa bits than float16 "
+                           "and latents fit float16's range)")
     if shard_size < 1 or (max_images is not None and max_images < 1):
         raise ValueError(f"need shard_size >= 1 and max_images >= 1 or None, got {shard_size}, {max_images}")
     splits = list(splits)
@@ -281,6 +278,7 @@ def build_cache(
         raise ValueError(f"the autoencoder of {ckpt_path or 'the given checkpoint'} comes without latent statistics "
                          "(an imported one): pass with_latent_stats(ckpt, data_module) instead of the path")
     device = resolve_device(device or "auto")
+    autocast = autocast_dtype(precision, device, half_on_auto=False)
     rank, world = init_distributed(device)  # the env:// rendezvous of torchrun; a no-op in one process
     out_dir = Path(out_dir)
 
@@ -317,7 +315,7 @@ def build_cache(
             (out_dir / split).mkdir(exist_ok=True)
     barrier()
 
-    job = _Job(model, text_encoder, device, PRECISIONS[precision], channels_last, STORAGE_DTYPES[dtype],
+    job = _Job(model, text_encoder, device, autocast, channels_last, stored,
                latent_shape, out_dir, settings, rank, world)
     units = [u for split in splits for u in plans[split]]
     mine = [u for k, u in enumerate(units) if k % world == rank]

@@ -52,18 +52,6 @@ def first_host(nodelist: str) -> str:
     return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
 
 
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """``auto`` = cuda:LOCAL_RANK when CUDA is available, else cpu; ``cuda`` gets this rank's index."""
-    adopt_slurm_ranks()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if str(name) == "auto":
-        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but CUDA is not available; use device=cpu (or device=auto)")
-    return torch.device("cuda", local) if device.type == "cuda" and device.index is None else device
-
-
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join the process group when launched by torchrun or srun (idempotent); returns (rank, world)."""
     adopt_slurm_ranks()

@@ -60,11 +60,11 @@ from ldm.interop.configs import (
     vae_diffusers_config,
 )
 from ldm.interop.keymaps import unet_to_diffusers, vae_to_diffusers
+from ldm.runtime import storage_dtype
 
 log = logging.getLogger("ldm.export")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FORMATS = ("safetensors", "diffusers", "compvis")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _BETA_SCHEDULES = {"linear": "scaled_linear", "linear_plain": "linear", "cosine": "squaredcos_cap_v2"}
 _PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
@@ -141,9 +141,8 @@ def export_state(ckpt: dict[str, Any], weights: str = "ema") -> tuple[dict[str, 
 def _cast(state: dict[str, Tensor], dtype: str | None) -> dict[str, Tensor]:
     if dtype is None:
         return {k: v.contiguous() for k, v in state.items()}
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: use null (keep), {', '.join(DTYPES)}")
-    return {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    target = storage_dtype(dtype, "dtype", why=" or null (keep the stored dtype)")
+    return {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
 
 
 def _save_safetensors(state: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -21,6 +21,7 @@ from ldm.lit.optim import build_optimizer
 from ldm.lit.resilience import StepGuard, amp_scaler, poison_if_not_finite, restart_optimisation
 from ldm.losses.diffusion import DiffusionLoss
 from ldm.models.ema import ema_decay_at, ema_update
+from ldm.runtime import autocast_dtype
 
 
 class LatentDiffusionModule(pl.LightningModule):
@@ -200,7 +201,7 @@ class LatentDiffusionModule(pl.LightningModule):
         was_training = self.text_encoder.training
         self.text_encoder.eval()
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        autocast = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        autocast = autocast_dtype("auto", self.device)  # bf16 on GPUs that have it
         try:
             return generate(self.pipeline(), prompts, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                             generator=gen, sampler_options=options, autocast_dtype=autocast)
