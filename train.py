@@ -36,7 +36,6 @@ from ldm.cache import build_cache, read_stage1_checkpoint, with_latent_stats
 from ldm.checkpoint import add_latent_stats, architecture, build_autoencoder, load_torch_file, strict_load
 from ldm.cli import print_help_and_exit, quiet_lightning, user_errors
 from ldm.data.latent_format import autoencoder_identity, check_cache_compatible, read_manifest
-from ldm.data.latents import channel_spread_problem
 from ldm.export import load_unet, pretrained_source, read_any
 from ldm.lit.callbacks import AtomicCheckpointIO, MonitorHistory, StepProgressBar
 from ldm.lit.resilience import (
@@ -49,6 +48,7 @@ from ldm.lit.resilience import (
 )
 from ldm.losses.lpips import lpips_min_input_size
 from ldm.models.discriminator import patchgan_min_input_size
+from ldm.models.latent_stats import channel_spread_problem
 from ldm.runs import (
     RunFolderTaken,
     check_run_folder,

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldm.data.latents import denormalize_latents
 from ldm.diffusion.guidance import cfg_denoiser
 from ldm.diffusion.samplers import SAMPLERS
+from ldm.models.latent_stats import denormalize_latents
 from ldm.models.text_encoders import no_labels_error
 from ldm.models.tokenizers import to_device
 

@@ -24,18 +24,12 @@ from ldm.cache import build_cache
 from ldm.checkpoint import build_autoencoder, load_checkpoint
 from ldm.data.datamodules import ImageDataModule
 from ldm.data.latent_format import autoencoder_identity, check_cache_compatible, read_manifest
-from ldm.data.latents import (
-    LatentDataModule,
-    LatentMemoryDataset,
-    LatentShardDataset,
-    channel_spread_problem,
-    denormalize_latents,
-    normalize_latents,
-    sample_posterior,
-)
+from ldm.data.latents import LatentDataModule, LatentMemoryDataset, LatentShardDataset
 from ldm.data.shapes import ShapesDataset
 from ldm.data.shards import WebDatasetImages, write_shards
 from ldm.generate import training_condition
+from ldm.models.distributions import sample_posterior
+from ldm.models.latent_stats import channel_spread_problem, denormalize_latents, normalize_latents
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")

@@ -608,8 +608,8 @@ def test_exported_pipeline_samples_what_ldm_samples(stage1_ckpt, tmp_path):
 
 @pytest.mark.parametrize("norm", ["scale", "channel"])
 def test_folded_autoencoder_encodes_normalised_latents_and_decodes_the_same(stage1_ckpt, norm):
-    from ldm.data.latents import normalize_latents
     from ldm.export import fold_latent_norm
+    from ldm.models.latent_stats import normalize_latents
 
     ckpt = load_checkpoint(stage1_ckpt)
     model = load_autoencoder(stage1_ckpt)

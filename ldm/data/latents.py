@@ -1,24 +1,23 @@
-"""Cached latents for stage 2: posterior sampling, normalisation, and the datasets that read a latent cache.
+"""Cached latents for stage 2: the datasets that read a latent cache (posterior sampling and normalisation of the
+latents they hold: ``ldm.models.distributions.sample_posterior``, ``ldm.models.latent_stats.normalize_latents``).
 
 A cache (written by ``python -m ldm.cache``, see ``ldm/cache.py``) is a folder with ``manifest.json`` and
 ``<split>/shard-NNNNNN.tar`` webdataset shards of the posterior mean/logvar, captions and optional text embeddings;
 its format (manifest, sample codec) is in ``ldm/data/latent_format.py``, whose manifest API is re-exported here.
 
 Storing the posterior rather than one sample lets training draw a fresh z ~ q(z|x) every time an image is seen
-(as EDM2, Karras et al. 2024, App. C), and the stored latent statistics normalise z in one place
-(``normalize_latents``; Rombach et al. 2022, Sec. 4.3.2: rescale by 1/sigma).
+(as EDM2, Karras et al. 2024, App. C), and the stored latent statistics normalise z in one place.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import webdataset as wds
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ldm.data.common import stable_hash
@@ -36,84 +35,12 @@ from ldm.data.latent_format import (
     read_manifest,
     split_info,
 )
-from ldm.models.distributions import LOGVAR_MAX, LOGVAR_MIN
 
 __all__ = [  # own names, then the manifest API of ldm.data.latent_format (imported from here before the split)
-    "NORM_MODES", "LatentDataModule", "LatentMemoryDataset", "LatentShardDataset", "denormalize_latents",
-    "normalize_latents", "sample_posterior",
+    "LatentDataModule", "LatentMemoryDataset", "LatentShardDataset",
     "CACHE_FORMAT", "CACHE_VERSION", "MANIFEST_NAME", "autoencoder_identity", "check_cache_compatible",
     "collate_latents", "read_manifest", "split_info",
 ]
-NORM_MODES = ("scale", "channel")
-
-
-# ------------------------------------------------------------------------------------- sampling & norm
-
-def sample_posterior(mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """z = mean + exp(logvar / 2) * eps, eps ~ N(0, I): a draw from the cached diagonal Gaussian q(z|x).
-
-    ``mean``, ``logvar``: [..., C, h, w] float (same shape). logvar is clamped to the range
-    ``DiagonalGaussianDistribution`` uses, so stage 1 and stage 2 sample the same distribution.
-    ``generator`` must be on the tensors' device. Returns z of the shape and dtype of ``mean``.
-    """
-    if mean.shape != logvar.shape:
-        raise ValueError(f"mean {tuple(mean.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
-    if generator is not None and generator.device.type != mean.device.type:
-        raise ValueError(f"generator is on {generator.device} but the latents are on {mean.device}; "
-                         f"create it with torch.Generator(device={str(mean.device)!r})")
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)) * eps
-
-
-def _norm_params(z: Tensor, stats: Mapping[str, Any], mode: str) -> tuple[Tensor | float, Tensor | float]:
-    """(offset, multiplier) so that normalised = (z - offset) * multiplier."""
-    if mode == "scale":
-        return float(stats["shift"]), float(stats["scale"])
-    if mode == "channel":
-        mean = torch.as_tensor(stats["mean"], dtype=z.dtype, device=z.device)
-        std = torch.as_tensor(stats["std"], dtype=z.dtype, device=z.device)
-        if z.ndim < 3 or z.shape[-3] != mean.numel():
-            raise ValueError(f"latents {tuple(z.shape)} do not have {mean.numel()} channels at dim -3, as the "
-                             "latent statistics do")
-        return mean.view(-1, 1, 1), 1.0 / std.view(-1, 1, 1)
-    raise ValueError(f"latent normalisation mode {mode!r} is not supported; choose one of {list(NORM_MODES)}")
-
-
-def normalize_latents(z: Tensor, stats: Mapping[str, Any], mode: str = "scale") -> Tensor:
-    """Autoencoder latents -> the roughly unit-variance space diffusion runs in.
-
-    ``z``: [..., C, h, w]; ``stats``: ``ldm.models.latent_stats.latent_statistics`` output.
-    ``"scale"``: (z - shift) * scale, the paper's global 1/sigma rescaling (Rombach et al. 2022, Sec. 4.3.2);
-    ``"channel"``: (z - mean_c) / std_c per channel (EDM2).
-    """
-    offset, mult = _norm_params(z, stats, mode)
-    return (z - offset) * mult
-
-
-def denormalize_latents(z: Tensor, stats: Mapping[str, Any], mode: str = "scale") -> Tensor:
-    """Inverse of ``normalize_latents`` (diffusion space -> latents the decoder takes)."""
-    offset, mult = _norm_params(z, stats, mode)
-    return z / mult + offset
-
-
-# Under latent_norm=scale, channels whose std differs from the largest by more than this factor end up
-# almost constant next to the noise: the U-Net sees mostly the widest channel.
-CHANNEL_SPREAD_LIMIT = 10.0
-
-
-def channel_spread_problem(stats: Mapping[str, Any], mode: str) -> str | None:
-    """A warning text when ``mode == "scale"`` and the per-channel latent stds differ by more than
-    ``CHANNEL_SPREAD_LIMIT`` (an autoencoder whose KL term let one channel grow), else None."""
-    std = [float(s) for s in stats.get("std") or []]
-    if mode != "scale" or not std or min(std) <= 0:
-        return None
-    ratio = max(std) / min(std)
-    if ratio <= CHANNEL_SPREAD_LIMIT:
-        return None
-    return (f"the autoencoder's latent channels have stds {[round(s, 3) for s in std]} ({ratio:.0f}x apart): "
-            f"latent_norm=scale divides all by one sigma, leaving the narrow channels nearly constant under "
-            f"the noise. latent_norm=channel normalises each channel (EDM2); consider it, or a stage-1 run "
-            f"with a larger loss.kl_weight")
 
 
 # ------------------------------------------------------------------------------------------- datasets

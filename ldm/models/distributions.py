@@ -18,6 +18,26 @@ LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0
 
 
+def _draw(mean: Tensor, std: Tensor, generator: torch.Generator | None) -> Tensor:
+    if generator is not None and generator.device.type != mean.device.type:
+        raise ValueError(f"generator is on {generator.device} but the latents are on {mean.device}; "
+                         f"create it with torch.Generator(device={str(mean.device)!r})")
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + std * eps
+
+
+def sample_posterior(mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """z = mean + exp(logvar / 2) * eps, eps ~ N(0, I): a draw from the diagonal Gaussian q(z|x) given by its
+    (cached) moments, exactly as ``DiagonalGaussianDistribution.sample`` draws it (logvar clamped alike).
+
+    ``mean``, ``logvar``: [..., C, h, w] float (same shape). ``generator`` must be on the tensors' device.
+    Returns z of the shape and dtype of ``mean``.
+    """
+    if mean.shape != logvar.shape:
+        raise ValueError(f"mean {tuple(mean.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
+    return _draw(mean, torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)), generator)
+
+
 class DiagonalGaussianDistribution:
     """N(mean, diag(exp(logvar))) over latents of shape ``[B, C, h, w]``.
 
@@ -53,15 +73,7 @@ class DiagonalGaussianDistribution:
         ``generator`` (optional) must live on the same device type as the latents; it makes the noise
         reproducible. Noise is drawn in the latents' dtype.
         """
-        if generator is not None and generator.device.type != self.mean.device.type:
-            raise ValueError(
-                f"generator is on {generator.device} but the latents are on {self.mean.device}; "
-                f"create it with torch.Generator(device={str(self.mean.device)!r})"
-            )
-        eps = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
-        return self.mean + self.std * eps
+        return _draw(self.mean, self.std, generator)
 
     def mode(self) -> Tensor:
         """The most likely latent, i.e. the mean. ``[B, C, h, w]``."""
