@@ -32,7 +32,7 @@ class LatentDiffusion:
         alphas_cumprod: ``[T]`` float64 noise schedule the U-Net was trained with.
         objective: what the U-Net predicts: ``"eps" | "v" | "x0"``.
         latent_stats: the autoencoder's latent statistics (``scale``, ``shift``, ``mean``, ``std``).
-        latent_norm: ``"scale"`` or ``"channel"`` (see ``ldm.data.latents.normalize_latents``).
+        latent_norm: ``"scale"`` or ``"channel"`` (see ``ldm.models.latent_stats.normalize_latents``).
         latent_shape: ``(C, h, w)`` of one latent.
     """
 

@@ -40,7 +40,7 @@ class LatentDiffusionModule(pl.LightningModule):
         p_uncond: probability of replacing a sample's condition by the null condition (classifier-free guidance
             training, Ho & Salimans 2022).
         ema_decay: EMA of the U-Net used for validation and sampling (``None``: off).
-        latent_norm: ``"scale"`` or ``"channel"`` (``ldm.data.latents.normalize_latents``).
+        latent_norm: ``"scale"`` or ``"channel"`` (``ldm.models.latent_stats.normalize_latents``).
         latent_shape: ``(C, h, w)`` of a latent; set from the cache.
         run_config: resolved run config, stored in every checkpoint; ``meta``: extra checkpoint metadata
             (autoencoder identity, cache manifest summary).
