@@ -30,10 +30,9 @@ from ldm.distributed import broadcast_object, init_distributed
 from ldm.evaluation import evaluate_generation, evaluate_image_sets, evaluate_reconstruction
 from ldm.evaluation.imagesets import probe_image_set
 from ldm.export import read_any
-from ldm.generate import resolve_sampling
 from ldm.losses.lpips import build_lpips
 from ldm.metrics.features import build_extractor, resolve_extractor
-from ldm.metrics.report import (
+from ldm.metrics.results import (
     PAPER_TABLES,
     append_results_csv,
     compare_table,
@@ -41,6 +40,7 @@ from ldm.metrics.report import (
     flatten_results,
     write_results,
 )
+from ldm.pipeline import resolve_sampling
 from ldm.runtime import autocast_dtype, resolve_device
 
 log = logging.getLogger("ldm.evaluate")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ldm.cli import print_help_and_exit, user_errors
 from ldm.export import load_latent_diffusion
-from ldm.generate import generate, resolve_sampling
+from ldm.pipeline import generate, resolve_sampling
 from ldm.runtime import autocast_dtype, resolve_device
 
 log = logging.getLogger("ldm.sample")

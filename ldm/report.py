@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ldm.atomic import atomic_write, atomic_write_text
-from ldm.metrics.report import format_value, is_feature_metric
+from ldm.metrics.results import format_value, is_feature_metric
 
 DEFAULT_GROUP = ("sampler", "cfg_scale")
 Row = dict[str, str]

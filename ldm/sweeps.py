@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.atomic import atomic_write, atomic_write_text
-from ldm.metrics.report import format_value
+from ldm.metrics.results import format_value
 
 log = logging.getLogger("ldm.sweeps")
 

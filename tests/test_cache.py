@@ -27,9 +27,9 @@ from ldm.data.latent_format import autoencoder_identity, check_cache_compatible,
 from ldm.data.latents import LatentDataModule, LatentMemoryDataset, LatentShardDataset
 from ldm.data.shapes import ShapesDataset
 from ldm.data.shards import WebDatasetImages, write_shards
-from ldm.generate import training_condition
 from ldm.models.distributions import sample_posterior
 from ldm.models.latent_stats import channel_spread_problem, denormalize_latents, normalize_latents
+from ldm.pipeline import training_condition
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")

@@ -23,8 +23,8 @@ from ldm.data.fashion_mnist import FashionMNISTDataset
 from ldm.data.images import ImageFolderDataset
 from ldm.data.shapes import ShapesDataset
 from ldm.data.shards import WebDatasetImages, write_shards
-from ldm.generate import training_condition
 from ldm.models.text_encoders import ClassEncoder
+from ldm.pipeline import training_condition
 
 
 def _compose(config: str, overrides: list[str], tmp: Path):
@@ -180,7 +180,7 @@ def test_sampler_steps_and_guidance_scale_are_checked_before_loading(tmp_path):
         with pytest.raises(ValueError, match=re.escape(message)):
             evaluate.evaluate(_eval_cfg([f"ckpt={missing}", override], tmp_path))
     # 0 = unconditional and 1 = no guidance are legitimate scales
-    from ldm.generate import check_sampling
+    from ldm.pipeline import check_sampling
 
     assert check_sampling(1, 0) == (1, 0.0) and check_sampling(50, 1.0, num_timesteps=1000) == (50, 1.0)
     with pytest.raises(ValueError, match=r"steps=1001: .* at most the 1000 training timesteps"):

@@ -29,8 +29,8 @@ from ldm.data.shards import write_shards
 from ldm.losses.lpips import build_lpips
 from ldm.metrics.features import build_extractor
 from ldm.metrics.fid import FeatureStats, StatsAccumulator, fid_from_stats
-from ldm.metrics.recon import psnr, ssim
-from ldm.metrics.report import KEY_COLUMNS
+from ldm.metrics.image_quality import psnr, ssim
+from ldm.metrics.results import KEY_COLUMNS
 from ldm.report import main as report_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,7 +274,7 @@ def test_clear_errors(folders, stage1_ckpt, tmp_path, monkeypatch):
 
 
 def test_mean_std_matches_numpy():
-    from ldm.metrics.recon import mean_std
+    from ldm.metrics.image_quality import mean_std
 
     values = np.array([1.0, 2.0, 4.0])
     assert mean_std(values) == pytest.approx({"mean": values.mean(), "std": values.std()})

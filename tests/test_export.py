@@ -27,8 +27,8 @@ from ldm.export import (
     write_diffusers_unet,
     write_diffusers_vae,
 )
-from ldm.generate import generate
 from ldm.interop.keymaps import DEPRECATED_VAE_ATTN
+from ldm.pipeline import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4,

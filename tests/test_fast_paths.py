@@ -21,11 +21,11 @@ from helpers import TINY_RUN, compose_train
 from torch import nn
 
 import train
-from ldm.generate import training_condition
 from ldm.lit.optim import build_optimizer, wants_fused
 from ldm.lit.resilience import restart_optimisation
 from ldm.models.ema import ema_update
 from ldm.models.text_encoders import ClassEncoder, NullEncoder, TransformerTextEncoder
+from ldm.pipeline import training_condition
 
 
 def _per_parameter_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:

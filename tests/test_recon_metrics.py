@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ldm.metrics.recon import psnr, ssim
+from ldm.metrics.image_quality import psnr, ssim
 
 
 def test_psnr_by_hand():

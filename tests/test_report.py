@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ldm.metrics.report import (
+from ldm.metrics.results import (
     KEY_COLUMNS,
     PAPER_TABLES,
     append_results_csv,

@@ -17,7 +17,7 @@ from stage2_fixtures import make_stage1_checkpoint
 import train
 from ldm.checkpoint import build_autoencoder, build_latent_diffusion, load_checkpoint
 from ldm.data.latent_format import autoencoder_identity
-from ldm.generate import generate
+from ldm.pipeline import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 

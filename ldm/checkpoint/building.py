@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from ldm.checkpoint.files import atomic_torch_save
 from ldm.checkpoint.reading import load_checkpoint, read_checkpoint, submodule_state
 from ldm.checkpoint.registry import instantiate
-from ldm.generate import LatentDiffusion
 from ldm.models.latent_stats import latent_statistics
+from ldm.pipeline import LatentDiffusion
 
 # Keys of a stage-2 run's `unet` config that say where its weights start, not what to build (configs/stage/ldm.yaml:
 # `unet.pretrained`). Checkpoints written before the key existed lack it; later ones store it.

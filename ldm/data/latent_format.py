@@ -86,7 +86,7 @@ def check_cache_compatible(manifest: Mapping[str, Any], identity: str | None = N
         stats: the autoencoder's latent statistics (from its checkpoint).
         text_encoder: the condition encoder (or its ``identity()`` dict). Only compared when the cache holds
             embeddings and the encoder is frozen: a trainable encoder ignores cached embeddings
-            (``ldm.generate.training_condition`` runs it on the captions instead).
+            (``ldm.pipeline.training_condition`` runs it on the captions instead).
     Raises ValueError naming the cached and the configured value.
     """
     source = manifest.get("autoencoder", {}).get("ckpt_path")

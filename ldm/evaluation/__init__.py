@@ -1,6 +1,6 @@
 """Evaluation of trained models (used by ``evaluate.py``; plain torch, no Hydra or Lightning).
 
-- ``recon.evaluate_reconstruction``: stage 1 -- PSNR / SSIM / LPIPS (mean ± std) and rFID of reconstructions.
+- ``reconstruction.evaluate_reconstruction``: stage 1 -- PSNR / SSIM / LPIPS (mean ± std) and rFID of reconstructions.
 - ``generation.evaluate_generation``: stage 2 -- generate from a split's captions (resumable, on every rank),
   FID / KID / IS against cached reference statistics, text alignment for ``shapes``.
 - ``imagesets.evaluate_image_sets``: FID / KID between two folders or sets of webdataset shards.
@@ -9,6 +9,6 @@
 
 from ldm.evaluation.generation import evaluate_generation
 from ldm.evaluation.imagesets import evaluate_image_sets
-from ldm.evaluation.recon import evaluate_reconstruction
+from ldm.evaluation.reconstruction import evaluate_reconstruction
 
 __all__ = ["evaluate_generation", "evaluate_image_sets", "evaluate_reconstruction"]

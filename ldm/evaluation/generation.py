@@ -47,10 +47,10 @@ from ldm.evaluation.imagesets import (
     to_stats,
     to_uint8,
 )
-from ldm.generate import LatentDiffusion, generate
 from ldm.metrics.alignment import alignment_score
 from ldm.metrics.fid import FeatureStats, cached_reference_stats
 from ldm.models.text_encoders import no_labels_error
+from ldm.pipeline import LatentDiffusion, generate
 
 log = logging.getLogger("ldm.evaluate")
 SETTINGS_NAME = "generation.json"
@@ -233,7 +233,7 @@ def evaluate_generation(
     ``resolution`` (the checkpoint's), cached in ``stats_dir`` under a name built from the dataset, split,
     resolution, count and extractor, and reused while all of them match. ``alignment``: also score how well
     the images follow their captions (``shapes`` only). Returns the partial results dict of
-    ``ldm.metrics.report`` on rank 0 (metrics: fid, kid, [is], [alignment, alignment_<attribute>]), None on
+    ``ldm.metrics.results`` on rank 0 (metrics: fid, kid, [is], [alignment, alignment_<attribute>]), None on
     the other ranks.
     """
     started = time.perf_counter()

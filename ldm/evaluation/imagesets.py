@@ -232,7 +232,7 @@ def to_stats(features: dict[str, Any], extractor: torch.nn.Module, meta: dict[st
 
 def feature_metrics(real: FeatureStats, fake: FeatureStats, seed: int = 0, kid_subsets: int = 100) -> dict[str, Any]:
     """FID and KID (mean ± std over subsets of 1,000) of ``fake`` against ``real``; Inception Score when ``fake``
-    has Inception logits. Keys as ``ldm.metrics.report`` expects: ``fid``, ``kid``, ``is``. With 1,000 images or
+    has Inception logits. Keys as ``ldm.metrics.results`` expects: ``fid``, ``kid``, ``is``. With 1,000 images or
     fewer per set every subset is the whole set: KID is computed once and its std is None (there is no spread)."""
     metrics: dict[str, Any] = {"fid": fid_from_stats(real, fake)}
     if real.features is not None and fake.features is not None:
@@ -256,7 +256,7 @@ def evaluate_image_sets(real: str | os.PathLike, fake: str | os.PathLike, extrac
     ``real``/``fake``: folders of images or webdataset shards (see ``open_image_set``); ``real`` may also be a
     reference-statistics ``.npz`` (``FeatureStats.save``; KID needs its stored features). ``limit``: at most
     this many images per set. Unreadable images (and the samples lost to a truncated shard) are skipped, counted
-    in ``n_bad`` and named in a warning, up to ``max_bad_fraction`` of a set. Returns the partial results dict of ``ldm.metrics.report`` (metrics, n_images,
+    in ``n_bad`` and named in a warning, up to ``max_bad_fraction`` of a set. Returns the partial results dict of ``ldm.metrics.results`` (metrics, n_images,
     timing, extractor, data); every rank gets it.
     """
     started = time.perf_counter()

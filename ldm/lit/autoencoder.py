@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ldm.lit.optim import build_optimizer
 from ldm.lit.resilience import StepGuard, amp_scaler, poison_if_not_finite, restart_optimisation
 from ldm.losses.autoencoder import AutoencoderLoss
-from ldm.metrics.recon import psnr, ssim
+from ldm.metrics.image_quality import psnr, ssim
 from ldm.models.ema import ema_decay_at, ema_update
 
 

@@ -15,13 +15,13 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from ldm.generate import LatentDiffusion, generate, training_condition
 from ldm.lit.optim import build_optimizer
 from ldm.lit.resilience import StepGuard, amp_scaler, poison_if_not_finite, restart_optimisation
 from ldm.losses.diffusion import DiffusionLoss
 from ldm.models.distributions import sample_posterior
 from ldm.models.ema import ema_decay_at, ema_update
 from ldm.models.latent_stats import normalize_latents
+from ldm.pipeline import LatentDiffusion, generate, training_condition
 from ldm.runtime import autocast_dtype
 
 

@@ -3,7 +3,7 @@ over images, as the LDM paper's Table 8) and rFID (the Fréchet distance between
 of their reconstructions) with a named feature extractor.
 
 Reconstructions use the posterior mode, x̂ = D(mode of q(z|x)), as the paper's evaluation does; PSNR / SSIM /
-LPIPS compare x and x̂ in floating point on [0, 1] (``ldm.metrics.recon``), the extractor sees both as uint8.
+LPIPS compare x and x̂ in floating point on [0, 1] (``ldm.metrics.image_quality``), the extractor sees both as uint8.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ldm.evaluation.imagesets import (
     to_stats,
     to_uint8,
 )
-from ldm.metrics.recon import mean_std, psnr, ssim
+from ldm.metrics.image_quality import mean_std, psnr, ssim
 
 
 @torch.inference_mode()
