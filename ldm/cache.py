@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 import ldm
-from ldm.checkpoint import build_autoencoder
+from ldm.checkpoint import build_autoencoder, measure_latent_stats
 from ldm.cli import print_help_and_exit, user_errors
 from ldm.data.common import check_resolution
 from ldm.data.datamodules import canonical_dataset
@@ -57,7 +57,6 @@ from ldm.data.latent_writer import (
     write_json,
 )
 from ldm.distributed import barrier, init_distributed
-from ldm.models.latent_stats import latent_statistics
 from ldm.runtime import autocast_dtype, resolve_device, storage_dtype
 
 log = logging.getLogger("ldm.cache")
@@ -106,12 +105,9 @@ def with_latent_stats(ckpt: dict[str, Any], data_module: Any, n_images: int = 20
     """
     if ckpt["ldm"].get("latent_stats"):
         return ckpt
-    device = torch.device(device)
-    model = build_autoencoder(ckpt)[0].requires_grad_(False).to(device)
     loader = DataLoader(canonical_dataset(data_module, "train"), batch_size=data_module.batch_size,
                         num_workers=data_module.num_workers)
-    images = (batch["image"].to(device) for batch in loader)
-    stats = latent_statistics(model.encode, images, n_images, generator=torch.Generator(device).manual_seed(seed))
+    stats = measure_latent_stats(ckpt, (batch["image"] for batch in loader), n_images, device, seed)
     stats["measured"] = f"{stats['n_images']} train images of {getattr(data_module, 'describe', data_module.__repr__)()}"
     recorded, where = ckpt["ldm"].get("source_latent_scale"), "the autoencoder's config"
     if latent_scale is not None:

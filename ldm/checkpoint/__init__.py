@@ -21,6 +21,7 @@ from ldm.checkpoint.building import (
     load_autoencoder,
     load_latent_diffusion,
     load_unet,
+    measure_latent_stats,
     strict_load,
 )
 from ldm.checkpoint.files import (
@@ -59,6 +60,7 @@ __all__ = [
     "HYDRA_KEYS", "NO_CODE", "RECORDED_ONLY", "REGISTRY", "TORCH_SUFFIXES", "TORCH_TARGETS", "UNET_TARGET",
     "add_latent_stats", "architecture", "atomic_torch_save", "build_autoencoder", "build_latent_diffusion",
     "build_unet", "check_spec", "check_stored_config", "instantiate", "load_autoencoder", "load_checkpoint",
-    "load_latent_diffusion", "load_safetensors", "load_torch_file", "load_unet", "read_checkpoint", "read_weights",
+    "load_latent_diffusion", "load_safetensors", "load_torch_file", "load_unet", "measure_latent_stats", "read_checkpoint",
+    "read_weights",
     "strict_load", "submodule_state",
 ]

@@ -88,16 +88,26 @@ def build_unet(ckpt: Source, use_ema: bool = True, what: str = "the U-Net") -> n
     return strict_load(instantiate(architecture(spec), key="config.unet", origin=origin), weights, what).eval()
 
 
+def measure_latent_stats(
+    ckpt: Source, batches: Iterable[torch.Tensor], n_images: int, device: str | torch.device = "cpu", seed: int = 0,
+) -> dict[str, Any]:
+    """Latent statistics (``ldm.models.latent_stats.latent_statistics``) of the checkpoint's own autoencoder over
+    the first ``n_images`` images of ``batches`` ([B, 3, H, W] in [-1, 1]), posterior noise seeded by ``seed``.
+    The one place statistics are measured: after stage 1 (``add_latent_stats``) and for imported autoencoders
+    (``ldm.cache.with_latent_stats``)."""
+    device = torch.device(device)
+    model = build_autoencoder(ckpt)[0].requires_grad_(False).to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return latent_statistics(model.encode, (b.to(device) for b in batches), n_images, generator=gen)
+
+
 def add_latent_stats(
     path: str | os.PathLike, batches: Iterable[torch.Tensor], n_images: int, device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Compute latent statistics with the checkpoint's own autoencoder weights and store them in it (atomically)."""
+    """Measure latent statistics with the checkpoint's own autoencoder weights and store them in it (atomically)."""
     ckpt = load_checkpoint(path)
-    model, _ = build_autoencoder(ckpt)
-    model.to(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    stats = latent_statistics(model.encode, (b.to(device) for b in batches), n_images, generator=gen)
+    stats = measure_latent_stats(ckpt, batches, n_images, device, seed)
     ckpt["ldm"]["latent_stats"] = stats
     atomic_torch_save(ckpt, path)
     return stats
