@@ -442,8 +442,11 @@ class Loop:
         self.logvar = ds.tensors["logvar"].to(device).float()
         self.captions = ds.lists["caption"]
         self.n = len(self.captions)
-        import train as train_py
-        on_gpu = {"on_gpu": train_py.latents_on_gpu(cfg)} if hasattr(train_py, "latents_on_gpu") else {}
+        try:
+            from ldm.stages import latents_on_gpu
+        except ImportError:  # an older tree
+            latents_on_gpu = getattr(__import__("train"), "latents_on_gpu", None)
+        on_gpu = {"on_gpu": latents_on_gpu(cfg)} if latents_on_gpu is not None else {}
         self.data_module = instantiate(cfg.latent_data, path=str(cfg.cache_dir), **on_gpu)
         self.cuda = device.type == "cuda"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()

@@ -28,7 +28,7 @@ _KEY = re.compile(r"^([A-Za-z_][\w]*):\s*(.*)$")
 _DEFAULT = re.compile(r"^\s+-\s+([\w/@]+)\s*:\s*([^#\s]+)?\s*(?:#\s*(.*))?$")
 # exceptions that mean "the command was given something wrong" (their messages name the key or file to fix)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                                                PermissionError, KeyError)
+                                                PermissionError)
 
 
 @dataclass
@@ -74,7 +74,8 @@ def read_entry_config(name: str) -> tuple[str, list[Entry], list[Entry]]:
     for line in lines:
         stripped = line.strip()
         if stripped.startswith("#"):
-            (pending if seen_key else header).append(stripped.lstrip("#").strip())
+            text = stripped[1:].removeprefix(" ")  # examples keep their indentation
+            (pending if seen_key else header).append(text.rstrip() if not seen_key else text.strip())
             continue
         if not stripped:
             pending = [] if seen_key else pending
@@ -164,8 +165,7 @@ def user_errors(command: str) -> Callable[[Callable[..., Any]], Callable[..., An
             except (*USER_ERRORS, OmegaConfBaseException) as err:
                 if _show_traceback():
                     raise
-                message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-                fail(f"{message}\n(set LDM_TRACEBACK=1 for the traceback)")
+                fail(f"{err}\n(set LDM_TRACEBACK=1 for the traceback)")
 
         return task
 

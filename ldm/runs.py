@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from ldm.checkpoint import load_torch_file
 
 log = logging.getLogger("ldm.train")
 
@@ -115,3 +118,63 @@ def last_good_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint of the run folder (every file there has finite weights: others are never written)."""
     files = checkpoint_files(run_dir / "checkpoints")
     return max(files, key=lambda p: p.stat().st_mtime) if files else None
+
+
+# ------------------------------------------------------------------------------------------- resuming
+
+def resume_path(cfg: Any, run_dir: Path, sweep_job: bool = False) -> tuple[str | None, bool]:
+    """(the checkpoint to continue from, whether it is this run folder's own): ``ckpt_path``, or with
+    ``resume=auto`` the folder's ``last.ckpt`` (its newest checkpoint when a kill came between two saves). A sweep
+    job resumes its own folder by default, before ``ckpt_path``: a job folder holding a checkpoint is a requeued
+    attempt of the job, and ``ckpt_path`` was where its first attempt started. ``sweep_job``: this run is a job
+    of a multirun (``ldm.sweeps.in_sweep``)."""
+    sweep_job = sweep_job and cfg.resume is None  # a job of a multirun that names no resume
+    if cfg.ckpt_path is not None and not sweep_job:
+        return str(cfg.ckpt_path), Path(cfg.ckpt_path).resolve().parent == (run_dir / "checkpoints").resolve()
+    if cfg.resume == "auto" or sweep_job:
+        own = run_dir / "checkpoints" / "last.ckpt"
+        own = own if own.is_file() else last_good_checkpoint(run_dir)
+        if own is not None:
+            log.info("resume=auto: continuing from %s", own)
+            return str(own), True
+        if cfg.ckpt_path is None:
+            log.info("resume=auto: no checkpoint in %s yet, starting a new run", run_dir / "checkpoints")
+    return (str(cfg.ckpt_path), False) if cfg.ckpt_path is not None else (None, False)
+
+
+def resumed_history(ckpt_path: str | None, config: dict, same_run: bool = False) -> list[dict]:
+    """The configs this run was trained under, ending with ``config``. On resume, a changed architecture or data
+    is refused (naming the keys); changed optimisation settings are applied, logged and recorded. ``same_run``
+    (a sweep job finding a checkpoint in its folder): any change is refused, the folder holds another run."""
+    if ckpt_path is None:
+        return [{"step": 0, "config": config, "time": None}]
+    stored = read_resume_checkpoint(Path(ckpt_path))
+    meta = stored.get("ldm") or {}
+    if "config" not in meta:
+        raise ValueError(f"{ckpt_path} is not a checkpoint of an ldm training run (no stored config): resume only "
+                         "continues runs of train.py; start from other weights with autoencoder.pretrained / "
+                         "unet.pretrained")
+    refused, applied = config_changes(meta["config"], config)
+    if same_run and (refused or applied):
+        raise RunFolderTaken(f"this sweep job's folder holds a checkpoint of another run ({ckpt_path}; it differs in "
+                         f"{', '.join(sorted({**refused, **applied}))}). A sweep job only resumes itself: start the "
+                         "sweep in a new folder (hydra.sweep.dir=...), or give resume=auto to continue it anyway")
+    refuse_changes(refused, ckpt_path)
+    if applied:
+        log.warning("resuming with changed settings (applied from step %d, recorded in the checkpoint's "
+                    "history):\n%s", stored.get("global_step", 0), describe(applied))
+    return history_with(meta, config, int(stored.get("global_step", 0)))
+
+
+def read_resume_checkpoint(path: Path) -> dict:
+    """The checkpoint to resume from, or a clear error when it is damaged (a copy or a save cut short)."""
+    try:
+        try:
+            return load_torch_file(path, mmap=True)
+        except RuntimeError:  # not the zip format mmap needs: read it whole (and fail below if it is broken)
+            return load_torch_file(path)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        others = [p.name for p in sorted(path.parent.glob("*.ckpt")) if p != path]
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}): the file is "
+                         "damaged, e.g. a copy cut short. Resume from another checkpoint of the run with ckpt_path="
+                         f"{path.parent}/<name>{' (there: ' + ', '.join(others) + ')' if others else ''}") from err

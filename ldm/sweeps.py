@@ -23,7 +23,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.atomic import atomic_write, atomic_write_text
@@ -326,3 +328,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {path}")
     print(verdict)
     return 0
+
+
+# ----------------------------------------------------------------------------------------- train.py jobs
+
+def in_sweep() -> bool:
+    """A job of a multirun (``-m``, ``hparams_search=``, a launcher such as SLURM)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def continue_with(cfg: DictConfig) -> str:
+    """The overrides that continue this run: its run_name, or in a sweep the sweep's folder."""
+    if in_sweep():
+        return f"hydra.sweep.dir={HydraConfig.get().sweep.dir} (a sweep job resumes its own folder)"
+    return f"run_name={cfg.run_name} resume=auto"
+
+
+def record_job(cfg: DictConfig, run_dir: Path, outcome: dict, status: str, metrics: dict | None = None,
+               error: str | None = None) -> float | None:
+    """Write the run's ``result.json`` (rank 0); returns the objective
+    (``objective=best|last`` of ``monitor``)."""
+    monitor, trainer = outcome.get("monitor"), outcome.get("trainer")
+    values = monitor.values if monitor is not None else []
+    objective = objective_value(values, str(cfg.objective)) if status == "completed" else None
+    if status == "completed" and objective is None:
+        log.warning("no finite validation value of monitor=%s: the sweeper gets no objective", cfg.monitor)
+    if trainer is not None and not trainer.is_global_zero:
+        return objective
+    best = getattr(trainer.checkpoint_callback if trainer is not None else None, "best_model_path", "") or ""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    final = {k: float(v) for k, v in (metrics or getattr(trainer, "callback_metrics", {})).items()}
+    write_job_result(
+        run_dir, status=status, objective=objective, objective_mode=str(cfg.objective), monitor=cfg.monitor,
+        monitor_values=values, step=trainer.global_step if trainer is not None else None,
+        train_time_s=monitor.seconds if monitor is not None else None,
+        attempts=monitor.attempts if monitor is not None else 0, error=error,
+        # the latest validation's metrics survive a resume that has nothing left to train
+        metrics={**(monitor.last_metrics if monitor is not None else {}), **final},
+        best_checkpoint=best if best and Path(best).is_file() else "",  # not a parent run's best, named here
+        last_checkpoint=str(last) if last.is_file() else "")
+    return objective

@@ -1,0 +1,146 @@
+"""Configuration checks of train.py: impossible settings are refused before any work starts, each problem naming
+the key and the fix (all problems of a config in one error).
+
+- ``check_config``: both stages (batch size, devices, resume keys, the sweep objective and monitor) and each
+  stage's own (stage 2: the pretrained sources exist; stage 1: resolution against the autoencoder, PatchGAN and
+  LPIPS); ``check_val_interval`` and ``check_labels`` need the data, so they run once it is built.
+- ``one_spelling``: stage 2's pretrained sources under their main key only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.utils.data import IterableDataset
+
+from ldm.export import pretrained_source
+from ldm.losses.lpips import lpips_min_input_size
+from ldm.models.discriminator import patchgan_min_input_size
+from ldm.sweeps import OBJECTIVE_MODES, in_sweep
+
+HIGHER_IS_BETTER = ("val/psnr", "val/ssim")  # logged metrics a `monitor` (lowest is best) must not be
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject impossible settings before any work starts, naming the key and the fix."""
+    problems = []
+    if cfg.stage_name == "ldm":
+        problems += _ldm_problems(cfg)
+    else:
+        problems += _autoencoder_problems(cfg)
+    if int(cfg.batch_size) < 1:
+        problems.append(f"batch_size={cfg.batch_size} must be >= 1")
+    if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
+        problems.append("trainer asks for GPUs but CUDA is not available; use trainer=cpu (or trainer=default)")
+    if cfg.resume not in (None, "auto"):
+        problems.append(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file> for a given checkpoint")
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        problems.append(f"ckpt_path={cfg.ckpt_path} does not exist")
+    if cfg.get("objective") not in OBJECTIVE_MODES:
+        problems.append(f"objective={cfg.get('objective')!r}: use one of {', '.join(OBJECTIVE_MODES)}")
+    if cfg.monitor in HIGHER_IS_BETTER:
+        problems.append(f"monitor={cfg.monitor} is higher-is-better, but checkpoints and sweep objectives keep the "
+                        "lowest value: monitor a loss (val/lpips, val/rec_loss, val/loss, val/eps_mse)")
+    if in_sweep() and "max" in str(OmegaConf.select(HydraConfig.get(), "sweeper.direction", default="")).lower():
+        problems.append("hydra.sweeper.direction=maximize: train.py's objective is a lower-is-better `monitor` "
+                        "value; use direction=minimize")
+    if cfg.trainer.get("gradient_clip_val") is not None:
+        problems.append("trainer.gradient_clip_val: clipping is done by the module, with the non-finite check; "
+                        f"use module.gradient_clip_val={cfg.trainer.gradient_clip_val}")
+    if problems:
+        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+# stage 2's pretrained sources: (the key, its older spelling); either works, both must agree
+AUTOENCODER_KEYS = ("autoencoder.pretrained", "autoencoder_ckpt")
+UNET_KEYS = ("unet.pretrained", "unet_pretrained")
+
+
+def _ldm_problems(cfg: DictConfig) -> list[str]:
+    problems = []
+    for keys in (AUTOENCODER_KEYS, UNET_KEYS):
+        try:
+            source, key = pretrained_source(cfg, *keys)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        if source is None and keys == AUTOENCODER_KEYS:
+            problems.append("stage=ldm needs the stage-1 checkpoint: autoencoder.pretrained=outputs/autoencoder/<run>/"
+                            "checkpoints/last.ckpt (train one with `python train.py`; older spelling: "
+                            "autoencoder_ckpt=), or a pretrained autoencoder")
+        elif source is not None and not Path(source).exists():
+            problems.append(f"{key}={source} does not exist")
+    if cfg.latent_norm not in ("scale", "channel"):
+        problems.append(f"latent_norm={cfg.latent_norm!r}: use scale or channel")
+    return problems
+
+
+def _autoencoder_problems(cfg: DictConfig) -> list[str]:
+    problems = []
+    ch_mult = list(cfg.autoencoder.get("ch_mult", [1]))
+    factor = 2 ** (len(ch_mult) - 1)
+    res = int(cfg.resolution)
+    if res <= 0 or res % factor:
+        ok = max(factor, res // factor * factor)
+        problems.append(
+            f"resolution={res} is not divisible by the autoencoder's downsampling factor {factor} "
+            f"(ch_mult={ch_mult}); use e.g. resolution={ok} or another autoencoder preset"
+        )
+    n_layers = int(cfg.loss.discriminator.get("n_layers", 3))
+    if res < patchgan_min_input_size(n_layers):
+        problems.append(
+            f"resolution={res} is too small for a {n_layers}-layer PatchGAN (needs >= "
+            f"{patchgan_min_input_size(n_layers)}); lower loss.discriminator.n_layers"
+        )
+    perceptual = cfg.loss.get("perceptual")
+    if perceptual is not None:
+        net = str(perceptual.get("net", "vgg"))
+        if res < lpips_min_input_size(net):
+            problems.append(f"resolution={res} is too small for LPIPS-{net} (needs >= {lpips_min_input_size(net)})")
+    if cfg.monitor == "val/lpips" and perceptual is None:
+        problems.append("monitor=val/lpips needs an LPIPS net (loss.perceptual); set monitor=val/rec_loss")
+    return problems
+
+
+def one_spelling(cfg: DictConfig) -> None:
+    """Keep each stage-2 pretrained source under its main key only (the older spelling set to null), so the stored
+    run config reads the same whichever spelling the command used, and a later override of the main key alone
+    does not meet a stale copy."""
+    with open_dict(cfg):
+        for key, older in (AUTOENCODER_KEYS, UNET_KEYS):
+            source, _ = pretrained_source(cfg, key, older)
+            OmegaConf.update(cfg, key, source)
+            OmegaConf.update(cfg, older, None)
+
+
+def check_val_interval(cfg: DictConfig, loader) -> None:
+    """Lightning refuses a batch validation interval longer than an epoch only once training starts."""
+    interval = cfg.trainer.get("val_check_interval")
+    try:
+        batches = len(loader)
+    except TypeError:
+        return
+    if isinstance(interval, int) and interval > batches and cfg.trainer.get("check_val_every_n_epoch") is not None:
+        raise ValueError(
+            f"trainer.val_check_interval={interval} steps is longer than one epoch of the training data ({batches} "
+            f"batches of {cfg.batch_size}). Lower trainer.val_check_interval (<= {batches}), or validate every "
+            f"{interval} steps across epochs with trainer.check_val_every_n_epoch=null")
+
+
+def check_labels(cfg: DictConfig, text_encoder, dataset, what: str) -> None:
+    """A class-conditional model needs a class label in every sample; say so before any work."""
+    if getattr(text_encoder, "input_key", "caption") != "label":
+        return
+    sample = next(iter(dataset)) if isinstance(dataset, IterableDataset) else dataset[0]
+    label = sample.get("label")
+    if label is None:
+        label = json.loads(sample.get("attributes") or "{}").get("label")
+    if label is None:
+        raise ValueError(f"text_encoder=class conditions on class labels, but {what} carry none (data="
+                         f"{OmegaConf.select(cfg, 'data.dataset._target_')}). Use a labelled dataset (data=fashion_mnist)"
+                         ", or a text encoder that reads captions (text_encoder=transformer_small, minilm, ...) or "
+                         "none (unconditional)")

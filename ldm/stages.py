@@ -1,0 +1,113 @@
+"""What train.py fits, per stage: the Lightning module and its data, built from the composed config.
+
+- ``build_autoencoder_stage``: stage 1 (autoencoder, loss with LPIPS and PatchGAN, image data).
+- ``build_ldm_stage``: stage 2 (the frozen autoencoder, ours or pretrained; the latent cache, built when missing
+  by ``ldm.cache.ensure_cache``; the U-Net, optionally from pretrained weights; the condition encoder).
+- ``write_latent_stats``: after stage 1, the latent statistics stage 2 needs, in ``last.ckpt`` and the best one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.cache import ensure_cache
+from ldm.checkpoint import add_latent_stats, architecture, build_autoencoder, strict_load
+from ldm.config_checks import AUTOENCODER_KEYS, UNET_KEYS, check_labels
+from ldm.data.latent_format import autoencoder_identity, check_cache_compatible, read_manifest
+from ldm.export import load_unet, pretrained_source, read_any
+from ldm.models.latent_stats import channel_spread_problem
+
+log = logging.getLogger("ldm.train")
+
+
+def latents_on_gpu(cfg: DictConfig) -> bool:
+    """``latent_data.on_gpu``; ``auto``: on when the run trains on CUDA (in-memory latents gathered on the GPU)."""
+    value = cfg.latent_data.get("on_gpu", False)
+    if value == "auto":
+        return str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return bool(value)
+
+
+def build_autoencoder_stage(cfg: DictConfig, config: dict):
+    data = instantiate(cfg.data)
+    autoencoder = instantiate(cfg.autoencoder)
+    loss = instantiate(cfg.loss)
+    # partial first: the stored run config holds `_target_`s that Hydra must not build
+    module = instantiate(cfg.module, _partial_=True)(autoencoder=autoencoder, loss=loss, run_config=config)
+    return module, data
+
+
+def build_ldm_stage(cfg: DictConfig, config: dict):
+    """Frozen autoencoder (a stage-1 run of ours or a pretrained one), the latent cache (built here when missing),
+    U-Net (optionally from pretrained weights), condition encoder."""
+    ae_source, ae_key = pretrained_source(cfg, *AUTOENCODER_KEYS)
+    unet_source, unet_key = pretrained_source(cfg, *UNET_KEYS)
+    if ae_source is None:
+        raise ValueError("stage=ldm needs the autoencoder: autoencoder.pretrained=<stage-1 checkpoint or pretrained "
+                         "autoencoder>")
+    ae_ckpt = read_any(ae_source, autoencoder_preset=cfg.autoencoder_preset)
+    if ae_ckpt["ldm"]["stage"] != "autoencoder":
+        raise ValueError(f"{ae_key}={ae_source} is a {ae_ckpt['ldm']['stage']!r} checkpoint; "
+                         "stage 2 needs a stage-1 (autoencoder) checkpoint or a pretrained autoencoder")
+    autoencoder, stats = build_autoencoder(ae_ckpt)
+    spec = architecture(OmegaConf.to_container(cfg.unet, resolve=True))
+    # read (and checked) before any work; copied into the configured U-Net below
+    with torch.random.fork_rng():  # its throwaway initialisation must not shift the seeded ones below
+        pretrained_unet = load_unet(unet_source, preset=spec) if unet_source is not None else None
+    identity = autoencoder_identity(autoencoder)
+    text_encoder = instantiate(cfg.text_encoder)
+    cache_dir = ensure_cache(cfg, ae_ckpt, ae_source, identity, text_encoder)
+    manifest = read_manifest(cache_dir)
+    if stats is None and manifest.get("autoencoder", {}).get("identity") == identity:
+        stats = manifest["latent_stats"]  # an imported autoencoder's statistics: measured once, kept in the cache
+    if (problem := channel_spread_problem(stats or {}, str(cfg.latent_norm))) is not None:
+        log.warning(problem)
+    data = instantiate(cfg.latent_data, path=str(cache_dir), on_gpu=latents_on_gpu(cfg))
+    check_labels(cfg, text_encoder, data.dataset("train"), f"the latent cache {cache_dir}")
+    latent_shape = tuple(manifest["latent_shape"])
+    f = autoencoder.downsample_factor
+    if int(cfg.resolution) % f:
+        raise ValueError(f"resolution={cfg.resolution} is not divisible by the autoencoder's downsampling factor {f}; "
+                         f"use a multiple of {f} (e.g. {int(cfg.resolution) // f * f})")
+    side = int(cfg.resolution) // f  # what this run's images encode to
+    check_cache_compatible(manifest, identity, latent_shape=(autoencoder.latent_channels, side, side), stats=stats,
+                           text_encoder=text_encoder)
+    unet = instantiate(spec)
+    if pretrained_unet is not None:  # fine-tuning: the weights must fit the configured architecture
+        strict_load(unet, pretrained_unet.state_dict(), f"{unet_key}={unet_source}")
+        del pretrained_unet
+        log.info("U-Net initialised from %s", unet_source)
+    if unet.in_channels != latent_shape[0]:
+        raise ValueError(f"unet.in_channels={unet.in_channels} but the autoencoder's latents have "
+                         f"{latent_shape[0]} channels; set unet.in_channels={latent_shape[0]} unet.out_channels="
+                         f"{latent_shape[0]}")
+    meta = {"autoencoder": {"ckpt_path": ae_source, "identity": identity,
+                            "config": ae_ckpt["ldm"]["config"]["autoencoder"]},
+            "cache": {"path": str(cache_dir), "created": manifest.get("created")}}
+    module = instantiate(cfg.module, _partial_=True)(
+        unet=unet, text_encoder=text_encoder, autoencoder=autoencoder, loss=instantiate(cfg.loss),
+        latent_stats=stats, latent_shape=latent_shape, run_config=config, meta=meta,
+    )
+    return module, data
+
+
+def write_latent_stats(cfg: DictConfig, trainer: Any, data, run_dir: Path) -> None:
+    """Store latent statistics, computed with each checkpoint's own weights, in last.ckpt and the best one."""
+    ckpt_cb = trainer.checkpoint_callback
+    paths = {str(run_dir / "checkpoints" / "last.ckpt")}
+    if ckpt_cb is not None and ckpt_cb.best_model_path:
+        best = Path(ckpt_cb.best_model_path)
+        if best.is_file() and best.parent.resolve() == (run_dir / "checkpoints").resolve():  # this run's files only
+            paths.add(str(best))
+    device = trainer.strategy.root_device
+    for path in sorted(paths):
+        images = (batch["image"] for batch in data.train_dataloader())
+        stats = add_latent_stats(path, images, int(cfg.latent_stats_images), device=device, seed=cfg.seed)
+        log.info("latent stats in %s: scale=%.5f shift=%.4f (%d images)", Path(path).name, stats["scale"],
+                 stats["shift"], stats["n_images"])
