@@ -532,7 +532,8 @@ class Loop:
             opt.step()
             if sched is not None:
                 sched.step()
-            applied = getattr(guard, "last_applied", guard.last_ok)  # a device bool: decided without a sync
+            # a device bool when decided without a sync (older trees: guard.last_ok, a host bool)
+            applied = guard.last_applied if hasattr(guard, "last_applied") else guard.last_ok
             if ema is not None and isinstance(applied, torch.Tensor):
                 ldm_module.ema_update(ema, self.unet, ema_decay_at(step, self.ema_decay), applied=applied)
             elif ema is not None and applied:

@@ -130,10 +130,6 @@ class StepGuard:
         self._pending: list[tuple[int, Tensor, Any]] = []  # (step, bad flag on the host, copy-done event)
         self._last_bad = -1  # step of the latest skipped update
 
-    @property
-    def last_ok(self) -> bool | Tensor:  # the name the benchmarks use
-        return self.last_applied
-
     def begin_step(self, module: torch.nn.Module) -> None:
         """Call before the first forward pass of a training step (once per accumulation window)."""
         if self._buffers is None:
