@@ -36,3 +36,11 @@ def stage2_ckpt(stage1_ckpt, tmp_path_factory) -> Path:
     from stage2_fixtures import make_stage2_checkpoint
 
     return make_stage2_checkpoint(tmp_path_factory.mktemp("stage2") / "last.ckpt", stage1_ckpt)
+
+
+@pytest.fixture(scope="session")
+def stage2_ema(stage1_ckpt, tmp_path_factory) -> Path:
+    """A stage-2 checkpoint whose EMA weights differ from the raw ones by 0.01 (export and interop tests)."""
+    from stage2_fixtures import make_stage2_checkpoint
+
+    return make_stage2_checkpoint(tmp_path_factory.mktemp("s2ema") / "last.ckpt", stage1_ckpt, ema_offset=0.01)
