@@ -34,6 +34,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -635,8 +636,7 @@ def medians(res: dict) -> dict:
         for name, r in res.get(path, {}).items():
             if r.get("img_per_s"):
                 runs[f"{path}/{name.split('#')[0]}"].append(r["img_per_s"])
-    med = {k: round(sorted(v)[len(v) // 2] if len(v) % 2 else sum(sorted(v)[len(v) // 2 - 1:len(v) // 2 + 1]) / 2, 2)
-           for k, v in runs.items()}
+    med = {k: round(statistics.median(v), 2) for k, v in runs.items()}
     out = {"img_per_s": med, "runs": dict(runs)}
     if med.get("train_py/default"):
         out["train_py_over_loop"] = {k.split("/", 1)[1]: round(med["train_py/default"] / v, 3)

@@ -33,6 +33,7 @@ import hydra
 import numpy as np
 import torch
 import torch.distributed as dist
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
@@ -41,6 +42,7 @@ from tqdm import tqdm
 import ldm
 from ldm.checkpoint import build_autoencoder, measure_latent_stats
 from ldm.cli import print_help_and_exit, user_errors
+from ldm.config_checks import check_labels
 from ldm.data.common import check_resolution
 from ldm.data.datamodules import canonical_dataset
 from ldm.data.latent_format import CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, autoencoder_identity
@@ -62,8 +64,10 @@ from ldm.runtime import autocast_dtype, resolve_device, storage_dtype
 
 log = logging.getLogger("ldm.cache")
 STORAGE_DTYPES = ("float16", "float32")
-# precision "auto" is fp32 here: cuDNN already runs fp32 convolutions as TF32 on Ampere+ GPUs (fp16's 10-bit
-# mantissa, fp32's range); bf16/fp16 autocast are faster but round activations to 8/11 bits and fp16 can overflow.
+# precision "auto" is fp32 here (autocast_dtype(..., half_on_auto=False)): cuDNN already runs fp32 convolutions as
+# TF32 on Ampere+ GPUs (fp16's 10-bit mantissa, fp32's range); bf16/fp16 autocast are faster but round activations
+# to 8/11 bits and fp16 can overflow.
+
 # ------------------------------------------------------------------------------------------ loading
 
 def read_stage1_checkpoint(ckpt: str | os.PathLike | Mapping[str, Any], preset: Any = None) -> dict[str, Any]:
@@ -398,10 +402,6 @@ def default_cache_dir(cfg: DictConfig, identity: str) -> Path:
 def ensure_cache(cfg: Any, ae_ckpt: dict[str, Any], ae_source: str, identity: str, text_encoder: Any) -> Path:
     """The latent cache train.py stage=ldm trains on: ``cache_dir``, or the default folder of this autoencoder,
     resolution and data (``default_cache_dir``); built here when it holds no manifest yet."""
-    from hydra.utils import instantiate
-
-    from ldm.config_checks import check_labels
-
     cache_dir = Path(cfg.cache_dir or default_cache_dir(cfg, identity))
     if not (cache_dir / "manifest.json").is_file():
         data = instantiate(cfg.data)

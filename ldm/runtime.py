@@ -17,6 +17,8 @@ from collections.abc import Iterable
 
 import torch
 
+from ldm.distributed import adopt_slurm_ranks
+
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_NAMES = ("auto", *AUTOCAST)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -24,9 +26,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """``auto`` = cuda:LOCAL_RANK when CUDA is available, else cpu; ``cuda`` gets this rank's index."""
-    from ldm.distributed import adopt_slurm_ranks  # srun's ranks as torchrun's variables
-
-    adopt_slurm_ranks()
+    adopt_slurm_ranks()  # srun's ranks as torchrun's variables
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if str(name) == "auto":
         return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
