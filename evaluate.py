@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.checkpoint import build_autoencoder, build_latent_diffusion
-from ldm.cli import print_help_and_exit, user_errors
+from ldm.cli import check_arguments, user_errors
 from ldm.data.common import check_resolution
 from ldm.data.datamodules import canonical_dataset
 from ldm.data.shapes import ShapesDataset
@@ -174,5 +174,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    print_help_and_exit("evaluate", "python evaluate.py")
+    check_arguments("evaluate", "python evaluate.py")
     main()

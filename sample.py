@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from ldm.cli import print_help_and_exit, user_errors
+from ldm.cli import check_arguments, user_errors
 from ldm.export import load_latent_diffusion
 from ldm.pipeline import generate, resolve_sampling
 from ldm.runtime import autocast_dtype, resolve_device
@@ -116,6 +116,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    print_help_and_exit("sample", "python sample.py")
+    check_arguments("sample", "python sample.py")
     sys.argv[1:] = quote_prompt_overrides(sys.argv[1:])
     main()

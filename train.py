@@ -26,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ldm.cli import print_help_and_exit, quiet_lightning, user_errors
-from ldm.config_checks import check_config, check_val_interval, one_spelling
+from ldm.cli import check_arguments, quiet_lightning, user_errors
+from ldm.config_checks import check_config, check_val_interval
 from ldm.lit.callbacks import AtomicCheckpointIO, MonitorHistory, StepProgressBar
 from ldm.lit.resilience import (
     NonFiniteTrainingError,
@@ -57,8 +57,6 @@ def train(cfg: DictConfig, outcome: dict | None = None) -> dict[str, float]:
     outcome = {} if outcome is None else outcome
     quiet_lightning()
     check_config(cfg)
-    if cfg.stage_name == "ldm":
-        one_spelling(cfg)
     if cfg.trainer.precision == "auto":
         with open_dict(cfg):
             cfg.trainer.precision = auto_precision(str(cfg.trainer.accelerator))
@@ -150,5 +148,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    print_help_and_exit("train", "python train.py")
+    check_arguments("train", "python train.py")
     main()

@@ -34,7 +34,7 @@ python -m ldm.cache ckpt=outputs/autoencoder/s1/checkpoints/last.ckpt out_dir=ou
   data.dataset.size=$CACHE_N data.dataset.val_size=1000 batch_size=256 num_workers=$WORKERS progress=false 2>&1 | tail -n 3
 t2=$(date +%s)
 python train.py stage=ldm run_name=s2 unet=$UNET resolution=$RES batch_size=$S2_BATCH \
-  autoencoder_ckpt=outputs/autoencoder/s1/checkpoints/last.ckpt cache_dir=outputs/cache/shapes$RES \
+  autoencoder.pretrained=outputs/autoencoder/s1/checkpoints/last.ckpt cache_dir=outputs/cache/shapes$RES \
   module.base_learning_rate=3e-4 module.ema_decay=0.999 module.lr_scheduler.total_iters=500 \
   trainer.max_steps=$S2_STEPS trainer.max_time=$S2_TIME trainer.val_check_interval=$S2_EVERY \
   trainer.check_val_every_n_epoch=null trainer.limit_val_batches=4 callbacks.sample_grid.every_n_steps=$S2_EVERY \

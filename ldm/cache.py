@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import ldm
 from ldm.checkpoint import build_autoencoder, measure_latent_stats
-from ldm.cli import print_help_and_exit, user_errors
+from ldm.cli import check_arguments, user_errors
 from ldm.config_checks import check_labels
 from ldm.data.common import check_resolution
 from ldm.data.datamodules import canonical_dataset
@@ -362,12 +362,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Compose the objects ``build_cache`` takes from the ``cache`` config and call it."""
     from ldm.export import pretrained_source
 
-    source, key = pretrained_source(cfg, "autoencoder.pretrained", "ckpt")
+    source = pretrained_source(cfg, "autoencoder.pretrained")
     if source is None:
         raise ValueError("no autoencoder: pass autoencoder.pretrained=<stage-1 checkpoint, e.g. outputs/autoencoder/"
-                         "<run>/checkpoints/last.ckpt, or a pretrained autoencoder> (older spelling: ckpt=)")
+                         "<run>/checkpoints/last.ckpt, or a pretrained autoencoder>")
     if not Path(source).exists():
-        raise FileNotFoundError(f"{key}={source} does not exist")
+        raise FileNotFoundError(f"autoencoder.pretrained={source} does not exist")
     if cfg.resolution is not None:
         check_resolution(cfg.resolution)  # before reading the checkpoint
     ckpt = read_stage1_checkpoint(source, preset=cfg.autoencoder_preset)
@@ -428,5 +428,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    print_help_and_exit("cache", "python -m ldm.cache")
+    check_arguments("cache", "python -m ldm.cache")
     main()

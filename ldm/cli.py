@@ -1,7 +1,7 @@
 """The doors of ldm's commands: ``--help`` read from the command's own config file, and one-line errors.
 
 Hydra's ``--help`` lists every config group in the search path (a ``sample.py --help`` showed train.py's
-loggers and trainers) and no key descriptions. ``print_help_and_exit`` instead reads the command's entry config
+loggers and trainers) and no key descriptions. ``check_arguments`` instead reads the command's entry config
 (``configs/<name>.yaml``): its header comment, its config groups with the options each has, and its own keys with
 the comment written above each (the config files are the documentation). ``user_errors`` turns a missing required
 key (``???``) or a bad input (``ValueError``, a missing file, a bad override) into one line on stderr and exit
@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ldm.runs import RENAMED as RENAMED_KEYS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 _KEY = re.compile(r"^([A-Za-z_][\w]*):\s*(.*)$")
@@ -133,12 +135,22 @@ def help_text(name: str, command: str) -> str:
     return "\n".join(out)
 
 
-def print_help_and_exit(name: str, command: str, argv: list[str] | None = None) -> None:
-    """``-h`` / ``--help`` among the arguments: print this command's help and exit 0; else return."""
+# Keys a command no longer takes, and the key that replaced each (one way to say each thing).
+RENAMED = {"train": RENAMED_KEYS, "cache": {"ckpt": "autoencoder.pretrained"}}
+
+
+def check_arguments(name: str, command: str, argv: list[str] | None = None) -> None:
+    """Before Hydra sees the arguments: ``-h`` / ``--help`` prints this command's help and exits 0; a removed key
+    (``RENAMED``) ends the command with an error naming its replacement."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(help_text(name, command))
         sys.exit(0)
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        new = RENAMED.get(name, {}).get(key.lstrip("+~"))
+        if new is not None:
+            fail(f"{key.lstrip('+~')}= is no longer a key of {command}: pass {new}={value or '<value>'}")
 
 
 def _show_traceback() -> bool:

@@ -4,7 +4,6 @@ the key and the fix (all problems of a config in one error).
 - ``check_config``: both stages (batch size, devices, resume keys, the sweep objective and monitor) and each
   stage's own (stage 2: the pretrained sources exist; stage 1: resolution against the autoencoder, PatchGAN and
   LPIPS); ``check_val_interval`` and ``check_labels`` need the data, so they run once it is built.
-- ``one_spelling``: stage 2's pretrained sources under their main key only.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import IterableDataset
 
 from ldm.export import pretrained_source
@@ -55,23 +54,13 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
-# stage 2's pretrained sources: (the key, its older spelling); either works, both must agree
-AUTOENCODER_KEYS = ("autoencoder.pretrained", "autoencoder_ckpt")
-UNET_KEYS = ("unet.pretrained", "unet_pretrained")
-
-
 def _ldm_problems(cfg: DictConfig) -> list[str]:
     problems = []
-    for keys in (AUTOENCODER_KEYS, UNET_KEYS):
-        try:
-            source, key = pretrained_source(cfg, *keys)
-        except ValueError as err:
-            problems.append(str(err))
-            continue
-        if source is None and keys == AUTOENCODER_KEYS:
+    for key in ("autoencoder.pretrained", "unet.pretrained"):
+        source = pretrained_source(cfg, key)
+        if source is None and key == "autoencoder.pretrained":
             problems.append("stage=ldm needs the stage-1 checkpoint: autoencoder.pretrained=outputs/autoencoder/<run>/"
-                            "checkpoints/last.ckpt (train one with `python train.py`; older spelling: "
-                            "autoencoder_ckpt=), or a pretrained autoencoder")
+                            "checkpoints/last.ckpt (train one with `python train.py`), or a pretrained autoencoder")
         elif source is not None and not Path(source).exists():
             problems.append(f"{key}={source} does not exist")
     if cfg.latent_norm not in ("scale", "channel"):
@@ -105,16 +94,6 @@ def _autoencoder_problems(cfg: DictConfig) -> list[str]:
         problems.append("monitor=val/lpips needs an LPIPS net (loss.perceptual); set monitor=val/rec_loss")
     return problems
 
-
-def one_spelling(cfg: DictConfig) -> None:
-    """Keep each stage-2 pretrained source under its main key only (the older spelling set to null), so the stored
-    run config reads the same whichever spelling the command used, and a later override of the main key alone
-    does not meet a stale copy."""
-    with open_dict(cfg):
-        for key, older in (AUTOENCODER_KEYS, UNET_KEYS):
-            source, _ = pretrained_source(cfg, key, older)
-            OmegaConf.update(cfg, key, source)
-            OmegaConf.update(cfg, older, None)
 
 
 def check_val_interval(cfg: DictConfig, loader) -> None:

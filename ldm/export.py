@@ -51,7 +51,7 @@ from ldm.checkpoint import (
 )
 from ldm.checkpoint import load_autoencoder as _load_autoencoder
 from ldm.checkpoint import load_unet as _load_unet
-from ldm.cli import print_help_and_exit, user_errors
+from ldm.cli import check_arguments, user_errors
 from ldm.diffusion.schedules import make_betas
 from ldm.interop.configs import (
     DIFFUSERS_VERSION,
@@ -88,16 +88,10 @@ def preset_spec(group: str, preset: str | os.PathLike | dict | None) -> dict[str
     return spec
 
 
-def pretrained_source(cfg: DictConfig, key: str, older: str) -> tuple[str | None, str]:
-    """The source a config gives as ``key`` (e.g. ``autoencoder.pretrained``) or as its older spelling ``older``
-    (e.g. ``autoencoder_ckpt``), and the key that gave it; ``(None, key)`` when neither is set (null or ???).
-    Both set to different values is a ValueError naming the two keys."""
-    given = {k: str(v) for k in (key, older) if (v := OmegaConf.select(cfg, k, throw_on_missing=False)) is not None}
-    if len({Path(v).expanduser().resolve() for v in given.values()}) > 1:
-        raise ValueError(f"{key}={given[key]} and {older}={given[older]} name different sources: give only {key}= "
-                         f"({older}= is its older spelling)")
-    name = key if key in given or not given else older
-    return given.get(name), name
+def pretrained_source(cfg: DictConfig, key: str) -> str | None:
+    """The source a config gives as ``key`` (e.g. ``autoencoder.pretrained``); None when unset (null or ???)."""
+    value = OmegaConf.select(cfg, key, throw_on_missing=False)
+    return None if value is None else str(value)
 
 
 def read_any(source: str | os.PathLike, autoencoder_preset: Any = None, unet_preset: Any = None) -> dict[str, Any]:
@@ -367,5 +361,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    print_help_and_exit("export", "python -m ldm.export")
+    check_arguments("export", "python -m ldm.export")
     main()

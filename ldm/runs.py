@@ -27,12 +27,12 @@ log = logging.getLogger("ldm.train")
 # Keys (and everything under them) that a resume may not change: what the weights are, what data they see.
 REFUSED = (
     "stage_name", "autoencoder", "unet", "text_encoder", "loss", "data.dataset", "latent_data.path", "resolution",
-    "latent_norm", "cache_dir", "autoencoder_ckpt", "autoencoder_preset", "autoencoder_latent_scale",
+    "latent_norm", "cache_dir", "autoencoder_preset", "autoencoder_latent_scale",
     "module._target_", "module.optimizer._target_", "module.disc_optimizer._target_", "module.ema_decay",
 )
 # Keys under these are how or where the run is launched, not what it trains; neither refused nor recorded.
 NOT_RECORDED = ("resume", "ckpt_path", "paths", "hydra", "logger", "callbacks", "run_name", "unet.pretrained",
-                "unet_pretrained", "trainer.enable_progress_bar", "trainer.default_root_dir")
+                "trainer.enable_progress_bar", "trainer.default_root_dir")
 
 
 def flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -48,10 +48,27 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
+# Keys removed from the configs, and the key that took their place: a config stored by an older ldm (in a
+# checkpoint or a run's history) is read with its values moved to the new keys.
+RENAMED = {"autoencoder_ckpt": "autoencoder.pretrained", "unet_pretrained": "unet.pretrained"}
+
+
+def upgraded(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened stored config with ``RENAMED`` keys under their new names (an old key's value wins over the
+    new key's placeholder: older configs held ``???`` or null there when the old spelling was used)."""
+    flat = dict(flat)
+    for old, new in RENAMED.items():
+        value = flat.pop(old, None)
+        if value is not None and flat.get(new) in (None, "???"):
+            flat[new] = value
+    return flat
+
+
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[dict[str, list], dict[str, list]]:
     """``(refused, applied)``: ``{dotted key: [old value, new value]}`` of the keys that differ (a missing key is
-    ``"<absent>"``), split by ``REFUSED``; keys under ``NOT_RECORDED`` are left out."""
-    a, b = dict(flatten(old)), dict(flatten(new))
+    ``"<absent>"``), split by ``REFUSED``; keys under ``NOT_RECORDED`` are left out. Configs stored by an older
+    ldm are read with their renamed keys moved (``upgraded``)."""
+    a, b = upgraded(dict(flatten(old))), upgraded(dict(flatten(new)))
     refused, applied = {}, {}
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")

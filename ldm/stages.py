@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.cache import ensure_cache
 from ldm.checkpoint import add_latent_stats, architecture, build_autoencoder, strict_load
-from ldm.config_checks import AUTOENCODER_KEYS, UNET_KEYS, check_labels
+from ldm.config_checks import check_labels
 from ldm.data.latent_format import autoencoder_identity, check_cache_compatible, read_manifest
 from ldm.export import load_unet, pretrained_source, read_any
 from ldm.models.latent_stats import channel_spread_problem
@@ -46,14 +46,13 @@ def build_autoencoder_stage(cfg: DictConfig, config: dict):
 def build_ldm_stage(cfg: DictConfig, config: dict):
     """Frozen autoencoder (a stage-1 run of ours or a pretrained one), the latent cache (built here when missing),
     U-Net (optionally from pretrained weights), condition encoder."""
-    ae_source, ae_key = pretrained_source(cfg, *AUTOENCODER_KEYS)
-    unet_source, unet_key = pretrained_source(cfg, *UNET_KEYS)
+    ae_source, unet_source = pretrained_source(cfg, "autoencoder.pretrained"), pretrained_source(cfg, "unet.pretrained")
     if ae_source is None:
         raise ValueError("stage=ldm needs the autoencoder: autoencoder.pretrained=<stage-1 checkpoint or pretrained "
                          "autoencoder>")
     ae_ckpt = read_any(ae_source, autoencoder_preset=cfg.autoencoder_preset)
     if ae_ckpt["ldm"]["stage"] != "autoencoder":
-        raise ValueError(f"{ae_key}={ae_source} is a {ae_ckpt['ldm']['stage']!r} checkpoint; "
+        raise ValueError(f"autoencoder.pretrained={ae_source} is a {ae_ckpt['ldm']['stage']!r} checkpoint; "
                          "stage 2 needs a stage-1 (autoencoder) checkpoint or a pretrained autoencoder")
     autoencoder, stats = build_autoencoder(ae_ckpt)
     spec = architecture(OmegaConf.to_container(cfg.unet, resolve=True))
@@ -80,7 +79,7 @@ def build_ldm_stage(cfg: DictConfig, config: dict):
                            text_encoder=text_encoder)
     unet = instantiate(spec)
     if pretrained_unet is not None:  # fine-tuning: the weights must fit the configured architecture
-        strict_load(unet, pretrained_unet.state_dict(), f"{unet_key}={unet_source}")
+        strict_load(unet, pretrained_unet.state_dict(), f"unet.pretrained={unet_source}")
         del pretrained_unet
         log.info("U-Net initialised from %s", unet_source)
     if unet.in_channels != latent_shape[0]:

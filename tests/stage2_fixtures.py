@@ -82,7 +82,7 @@ def make_stage2_checkpoint(path: str | Path, stage1_ckpt: str | Path, ema_offset
     the small text transformer's settings (e.g. another text encoder) and change others."""
     path = Path(path)
     text = ["text_encoder.width=32", "text_encoder.depth=1", "text_encoder.heads=2"] if overrides is None else []
-    cfg = compose_train(["stage=ldm", "resolution=32", *text, f"autoencoder_ckpt={stage1_ckpt}", *(overrides or [])],
+    cfg = compose_train(["stage=ldm", "resolution=32", *text, f"autoencoder.pretrained={stage1_ckpt}", *(overrides or [])],
                         output_dir=path.parent)
     s1 = load_checkpoint(stage1_ckpt)
     torch.manual_seed(0)

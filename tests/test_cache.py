@@ -431,15 +431,15 @@ def _compose(overrides: list[str]):
 
 
 def test_cache_config_composes_and_names_misspelt_keys():
-    cfg = _compose(["ckpt=x.ckpt", "out_dir=y"])
+    cfg = _compose(["autoencoder.pretrained=x.ckpt", "out_dir=y"])
     assert cfg.dtype == "float16" and list(cfg.splits) == ["train", "val"] and cfg.resolution is None
     assert cfg.get("text_encoder") is None and cfg.data.dataset._target_ == "ldm.data.shapes.ShapesDataset"
     with pytest.raises(ConfigCompositionException, match="shard_sz"):
-        _compose(["ckpt=x.ckpt", "shard_sz=3"])
+        _compose(["autoencoder.pretrained=x.ckpt", "shard_sz=3"])
 
 
 def _cli_args(ckpt: Path, out: Path) -> list[str]:
-    return [f"ckpt={ckpt}", f"out_dir={out}", "data.dataset.size=12", "data.dataset.val_size=4", "shard_size=4",
+    return [f"autoencoder.pretrained={ckpt}", f"out_dir={out}", "data.dataset.size=12", "data.dataset.val_size=4", "shard_size=4",
             "batch_size=2", "data.num_workers=0", "progress=false", f"hydra.run.dir={out.parent / 'hydra'}"]
 
 

@@ -150,7 +150,7 @@ def test_first_host_of_a_slurm_node_list():
 def test_the_cache_runs_on_srun_tasks_like_on_torchrun_ranks(stage1_ckpt, tmp_path):
     """Two processes with the variables srun gives two tasks on two nodes (no torchrun): they join one process
     group, each writes its own shards, and the cache holds every image once, as with one process."""
-    args = [f"ckpt={stage1_ckpt}", "data.dataset.size=12", "data.dataset.val_size=4", "shard_size=4",
+    args = [f"autoencoder.pretrained={stage1_ckpt}", "data.dataset.size=12", "data.dataset.val_size=4", "shard_size=4",
             "batch_size=2", "data.num_workers=0", "progress=false", "device=cpu"]
     port = str(free_port())
     tasks = []

@@ -55,8 +55,8 @@ def test_default_ldm_run_is_the_stage2_quickstart(tmp_path):
     assert cfg["module"]["_target_"] == "ldm.lit.ldm.LatentDiffusionModule"
     assert cfg["loss"]["schedule"] == "linear" and cfg["loss"]["num_timesteps"] == 1000
     assert cfg["monitor"] == "val/loss" and cfg["resolution"] == 32
-    assert cfg["autoencoder"] == {"pretrained": "???"} and cfg["autoencoder_ckpt"] is None  # required: one of them
-    assert cfg["unet"]["pretrained"] is None and cfg["unet_pretrained"] is None
+    assert cfg["autoencoder"] == {"pretrained": "???"} and cfg["unet"]["pretrained"] is None  # the first required
+    assert "autoencoder_ckpt" not in cfg and "unet_pretrained" not in cfg
 
 
 def test_sample_config_composes(tmp_path):
@@ -82,53 +82,57 @@ def test_sample_config_composes(tmp_path):
 
 def test_missing_stage1_checkpoint_is_named(tmp_path):
     cfg = compose_train(["stage=ldm"], output_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"stage=ldm needs the stage-1 checkpoint: autoencoder.pretrained=.*"
-                                         r"older spelling: autoencoder_ckpt="):
+    with pytest.raises(ValueError, match=r"stage=ldm needs the stage-1 checkpoint: autoencoder.pretrained="):
         train.check_config(cfg)
-    for key in ("autoencoder.pretrained", "autoencoder_ckpt"):
-        cfg = compose_train(["stage=ldm", f"{key}={tmp_path}/nope.ckpt"], output_dir=tmp_path)
+    for key in ("autoencoder.pretrained", "unet.pretrained"):
+        cfg = compose_train(["stage=ldm", f"autoencoder.pretrained={tmp_path}/nope.ckpt",
+                             f"unet.pretrained={tmp_path}/nope.ckpt"], output_dir=tmp_path)
         with pytest.raises(ValueError, match=f"{key}=.*nope.ckpt does not exist"):
             train.check_config(cfg)
 
 
-@pytest.mark.parametrize("spelling", ["issue", "older"])
-def test_pretrained_sources_take_both_spellings(spelling, tmp_path):
-    """`autoencoder.pretrained=` / `unet.pretrained=` (the main spelling) and `autoencoder_ckpt=` / `unet_pretrained=`
-    (the older one) compose, pass the checks and are stored under the main key only; the U-Net spec still builds."""
+def test_pretrained_sources_compose_and_pass_the_checks(tmp_path):
+    """`autoencoder.pretrained=` / `unet.pretrained=` compose, pass the checks and the U-Net spec still builds."""
     from ldm.checkpoint import architecture, instantiate
 
     (tmp_path / "ae.ckpt").touch()
     (tmp_path / "unet").mkdir()
-    ae_key, unet_key = (("autoencoder.pretrained", "unet.pretrained") if spelling == "issue"
-                        else ("autoencoder_ckpt", "unet_pretrained"))
-    cfg = compose_train(["stage=ldm", f"{ae_key}={tmp_path}/ae.ckpt", f"{unet_key}={tmp_path}/unet"],
+    cfg = compose_train(["stage=ldm", f"autoencoder.pretrained={tmp_path}/ae.ckpt", f"unet.pretrained={tmp_path}/unet"],
                         output_dir=tmp_path)
     train.check_config(cfg)
-    train.one_spelling(cfg)
     out = resolved(cfg)
-    assert out["autoencoder"]["pretrained"] == f"{tmp_path}/ae.ckpt" and out["autoencoder_ckpt"] is None
-    assert out["unet"]["pretrained"] == f"{tmp_path}/unet" and out["unet_pretrained"] is None
+    assert out["autoencoder"]["pretrained"] == f"{tmp_path}/ae.ckpt" and out["unet"]["pretrained"] == f"{tmp_path}/unet"
     assert instantiate(architecture(out["unet"])).context_dim == out["text_encoder"]["context_dim"]
 
 
-def test_two_spellings_of_one_source_must_agree(tmp_path):
-    for path in ("a.ckpt", "b.ckpt", "unet"):
-        (tmp_path / path).touch()
-    a, b = f"{tmp_path}/a.ckpt", f"{tmp_path}/b.ckpt"
-    train.check_config(compose_train(["stage=ldm", f"autoencoder.pretrained={a}", f"autoencoder_ckpt={a}"],
-                                     output_dir=tmp_path))  # the same path twice is fine
-    train.check_config(compose_train(["stage=ldm", f"autoencoder.pretrained={a}",
-                                      f"autoencoder_ckpt={tmp_path}/./a.ckpt"], output_dir=tmp_path))  # spelt otherwise
-    cfg = compose_train(["stage=ldm", f"autoencoder.pretrained={a}", f"autoencoder_ckpt={b}",
-                         f"unet.pretrained={tmp_path}/unet", f"unet_pretrained={a}"], output_dir=tmp_path)
-    with pytest.raises(ValueError) as err:
-        train.check_config(cfg)
-    message = str(err.value)
-    assert "autoencoder.pretrained=" in message and "autoencoder_ckpt=" in message and "b.ckpt" in message
-    assert "unet.pretrained=" in message and "unet_pretrained=" in message and "name different sources" in message
+@pytest.mark.parametrize("command,old,new", [("train.py", "autoencoder_ckpt", "autoencoder.pretrained"),
+                                             ("train.py", "unet_pretrained", "unet.pretrained"),
+                                             ("-m ldm.cache", "ckpt", "autoencoder.pretrained")])
+def test_removed_key_spellings_name_the_new_key(command, old, new, tmp_path):
+    """One way to say each thing: the older spellings are refused before any work, naming the key to use."""
+    from helpers import run_entry
+
+    proc = run_entry(*command.split(), "stage=ldm" if command == "train.py" else "out_dir=x", f"{old}={tmp_path}/a.ckpt")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {old}= is no longer a key of python {command}: "
+                                                    f"pass {new}={tmp_path}/a.ckpt")
+    assert "Traceback" not in proc.stderr
 
 
-def test_cache_config_takes_both_spellings(tmp_path):
+def test_a_config_stored_with_the_older_spellings_resumes_under_the_new_keys():
+    """A checkpoint written before the rename stored `autoencoder_ckpt` (with `autoencoder.pretrained: ???`): a
+    resume with the same sources under the new keys is not a change; another autoencoder is still refused."""
+    from ldm.runs import config_changes
+
+    old = {"autoencoder": {"pretrained": "???"}, "autoencoder_ckpt": "a.ckpt", "unet": {"pretrained": None},
+           "unet_pretrained": "u", "trainer": {"max_steps": 10}}
+    new = {"autoencoder": {"pretrained": "a.ckpt"}, "unet": {"pretrained": "u"}, "trainer": {"max_steps": 20}}
+    assert config_changes(old, new) == ({}, {"trainer.max_steps": [10, 20]})
+    refused, _ = config_changes(old, {**new, "autoencoder": {"pretrained": "b.ckpt"}})
+    assert refused == {"autoencoder.pretrained": ["a.ckpt", "b.ckpt"]}
+
+
+def test_cache_config_names_its_autoencoder(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -137,14 +141,11 @@ def test_cache_config_takes_both_spellings(tmp_path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("cache", overrides=["autoencoder.pretrained=x.ckpt", "out_dir=y"])
-        assert cfg.autoencoder.pretrained == "x.ckpt" and cfg.ckpt is None
-        assert compose("cache", overrides=["ckpt=x.ckpt", "out_dir=y"]).ckpt == "x.ckpt"
-        with pytest.raises(ValueError, match="no autoencoder: pass autoencoder.pretrained=.*older spelling: ckpt="):
+        assert cfg.autoencoder.pretrained == "x.ckpt" and "ckpt" not in cfg
+        with pytest.raises(ValueError, match="no autoencoder: pass autoencoder.pretrained="):
             run(compose("cache", overrides=["out_dir=y"]))
         with pytest.raises(FileNotFoundError, match="autoencoder.pretrained=x.ckpt does not exist"):
             run(cfg)
-        with pytest.raises(ValueError, match="autoencoder.pretrained=x.ckpt and ckpt=z.ckpt name different sources"):
-            run(compose("cache", overrides=["autoencoder.pretrained=x.ckpt", "ckpt=z.ckpt", "out_dir=y"]))
 
 
 def test_default_run_is_the_cpu_quickstart(tmp_path):

@@ -240,7 +240,7 @@ def test_sd_single_file_gets_the_scale_it_is_told(tmp_path):
     ref.save_pretrained(tmp_path / "vae")
     state = {k.removeprefix("autoencoder."): v for k, v in read_any(tmp_path / "vae")["state_dict"].items()}
     save_file({f"first_stage_model.{k}": v for k, v in state.items()}, str(tmp_path / "sd.safetensors"))
-    proc = subprocess.run([sys.executable, "-m", "ldm.cache", f"ckpt={tmp_path}/sd.safetensors",
+    proc = subprocess.run([sys.executable, "-m", "ldm.cache", f"autoencoder.pretrained={tmp_path}/sd.safetensors",
                            f"out_dir={tmp_path}/cache", "data.dataset.size=4", "data.dataset.val_size=2",
                            "data.num_workers=0", "device=cpu", "latent_stats_images=4", "progress=false",
                            "autoencoder_latent_scale=0.25", "resolution=32"],

@@ -37,9 +37,9 @@ from ldm.pipeline import generate
 # ------------------------------------------------------------------- pretrained parts in the pipeline
 
 def test_stage2_on_a_diffusers_vae_and_a_pretrained_unet(tmp_path):
-    """README "Use the Stable Diffusion VAE for stage 2": autoencoder_ckpt=<diffusers folder> caches its latents
+    """README "Use the Stable Diffusion VAE for stage 2": autoencoder.pretrained=<diffusers folder> caches its latents
     (statistics measured on the data, the scale from its config), trains, and the checkpoint samples on its own;
-    unet_pretrained=<export> starts the U-Net from those weights."""
+    unet.pretrained=<export> starts the U-Net from those weights."""
     from helpers import compose_train
     from test_train_stage2 import TINY_LDM
 
@@ -50,7 +50,7 @@ def test_stage2_on_a_diffusers_vae_and_a_pretrained_unet(tmp_path):
     vae = diffusers_vae(TINY_VAE)
     vae.save_pretrained(tmp_path / "vae")
     run = tmp_path / "run"
-    cfg = compose_train(TINY_LDM + [f"autoencoder_ckpt={tmp_path}/vae", f"cache_dir={run}/cache", "trainer.max_steps=4",
+    cfg = compose_train(TINY_LDM + [f"autoencoder.pretrained={tmp_path}/vae", f"cache_dir={run}/cache", "trainer.max_steps=4",
                                     "latent_stats_images=16"], output_dir=run)
     train.train(cfg)
     manifest = json.loads((run / "cache" / "manifest.json").read_text())
@@ -74,20 +74,20 @@ def test_stage2_on_a_diffusers_vae_and_a_pretrained_unet(tmp_path):
 
     # fine-tuning: a second run starts from the first run's U-Net (exported), and a mismatching preset is named
     export(ckpt, "diffusers", tmp_path / "export")
-    cfg2 = compose_train(TINY_LDM + [f"autoencoder_ckpt={tmp_path}/vae", f"cache_dir={run}/cache",
-                                     f"unet_pretrained={tmp_path}/export"], output_dir=tmp_path / "run2")
+    cfg2 = compose_train(TINY_LDM + [f"autoencoder.pretrained={tmp_path}/vae", f"cache_dir={run}/cache",
+                                     f"unet.pretrained={tmp_path}/export"], output_dir=tmp_path / "run2")
     module, _ = train.build_ldm_stage(cfg2, {})
     assert all(torch.equal(v, model.unet.state_dict()[k]) for k, v in module.unet.state_dict().items())
-    cfg3 = compose_train(TINY_LDM + [f"autoencoder_ckpt={tmp_path}/vae", f"cache_dir={run}/cache",
-                                     f"unet_pretrained={tmp_path}/export", "unet=small"], output_dir=tmp_path / "run3")
-    with pytest.raises(ValueError, match="unet_pretrained=.* does not fit the architecture"):
+    cfg3 = compose_train(TINY_LDM + [f"autoencoder.pretrained={tmp_path}/vae", f"cache_dir={run}/cache",
+                                     f"unet.pretrained={tmp_path}/export", "unet=small"], output_dir=tmp_path / "run3")
+    with pytest.raises(ValueError, match="unet.pretrained=.* does not fit the architecture"):
         train.build_ldm_stage(cfg3, {})
 
 
 def test_cache_and_evaluate_take_a_pretrained_autoencoder(tmp_path):
     vae = diffusers_vae(TINY_VAE)
     vae.save_pretrained(tmp_path / "vae")
-    proc = subprocess.run([sys.executable, "-m", "ldm.cache", f"ckpt={tmp_path}/vae", f"out_dir={tmp_path}/cache",
+    proc = subprocess.run([sys.executable, "-m", "ldm.cache", f"autoencoder.pretrained={tmp_path}/vae", f"out_dir={tmp_path}/cache",
                            "data.dataset.size=8", "data.dataset.val_size=4", "data.num_workers=0", "device=cpu",
                            "latent_stats_images=8", "progress=false"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -106,9 +106,9 @@ def test_cache_and_evaluate_take_a_pretrained_autoencoder(tmp_path):
     assert 0 < results["metrics"]["psnr"]["mean"] < 60
 
 
-def test_the_issue_spelling_reaches_the_same_sources(tmp_path):
+def test_train_and_cache_read_the_same_pretrained_sources(tmp_path):
     """`autoencoder.pretrained=` / `unet.pretrained=` (train.py stage=ldm) and `autoencoder.pretrained=` (ldm.cache)
-    read the same autoencoder and U-Net as the older `autoencoder_ckpt=` / `unet_pretrained=` / `ckpt=`."""
+    read the same autoencoder and U-Net."""
     from helpers import CONFIG_DIR, compose_train, resolved
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -128,13 +128,13 @@ def test_the_issue_spelling_reaches_the_same_sources(tmp_path):
             p.add_(0.02 * torch.randn_like(p))
     write_diffusers_unet(tmp_path / "unet", unet.state_dict(), read_any_spec(unet), sample_size=16)
 
-    modules = {}
-    for spelling, keys in (("issue", ("autoencoder.pretrained", "unet.pretrained")),
-                           ("older", ("autoencoder_ckpt", "unet_pretrained"))):
-        cfg = compose_train(base + [f"{keys[0]}={tmp_path}/vae", f"{keys[1]}={tmp_path}/unet"], output_dir=tmp_path)
+    modules = []
+    for _ in range(2):
+        cfg = compose_train(base + [f"autoencoder.pretrained={tmp_path}/vae", f"unet.pretrained={tmp_path}/unet"],
+                            output_dir=tmp_path)
         train.check_config(cfg)
-        modules[spelling], _ = train.build_ldm_stage(cfg, {})  # the first one builds the cache, the second reuses it
-    for module in modules.values():
+        modules.append(train.build_ldm_stage(cfg, {})[0])  # the first one builds the cache, the second reuses it
+    for module in modules:
         assert all(torch.equal(v, unet.state_dict()[k]) for k, v in module.unet.state_dict().items())
         assert torch.equal(module.autoencoder.decoder.conv_in.weight, vae.decoder.conv_in.weight)
         assert module.meta["autoencoder"]["ckpt_path"] == f"{tmp_path}/vae"

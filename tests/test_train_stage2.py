@@ -49,7 +49,7 @@ TINY_LDM = [
 @pytest.fixture(scope="module")
 def stage2_run(stage1_ckpt, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("stage2")
-    cfg = compose_train(TINY_LDM + [f"autoencoder_ckpt={stage1_ckpt}", f"cache_dir={run_dir}/cache",
+    cfg = compose_train(TINY_LDM + [f"autoencoder.pretrained={stage1_ckpt}", f"cache_dir={run_dir}/cache",
                                     "trainer.max_steps=12"], output_dir=run_dir)
     metrics = train.train(cfg)
     return run_dir, metrics
@@ -113,7 +113,7 @@ def test_sample_cli_refuses_a_stage1_checkpoint(stage1_ckpt, tmp_path):
 
 def test_stage2_refuses_a_stage2_checkpoint_as_autoencoder(stage2_run, tmp_path):
     run_dir, _ = stage2_run
-    cfg = compose_train(TINY_LDM + [f"autoencoder_ckpt={run_dir}/checkpoints/last.ckpt"], output_dir=tmp_path)
+    cfg = compose_train(TINY_LDM + [f"autoencoder.pretrained={run_dir}/checkpoints/last.ckpt"], output_dir=tmp_path)
     with pytest.raises(ValueError, match="is a 'ldm' checkpoint; stage 2 needs a stage-1"):
         train.train(cfg)
 
@@ -121,7 +121,7 @@ def test_stage2_refuses_a_stage2_checkpoint_as_autoencoder(stage2_run, tmp_path)
 def test_stage2_refuses_a_cache_of_another_autoencoder(stage2_run, tmp_path):
     run_dir, _ = stage2_run
     other = make_stage1_checkpoint(tmp_path / "other.ckpt", resolution=32, seed=1)
-    cfg = compose_train(TINY_LDM + [f"autoencoder_ckpt={other}", f"cache_dir={run_dir}/cache"],
+    cfg = compose_train(TINY_LDM + [f"autoencoder.pretrained={other}", f"cache_dir={run_dir}/cache"],
                         output_dir=tmp_path / "run")
     with pytest.raises(ValueError, match="autoencoder"):
         train.train(cfg)
@@ -129,11 +129,11 @@ def test_stage2_refuses_a_cache_of_another_autoencoder(stage2_run, tmp_path):
 
 def test_stage2_refuses_a_cache_made_at_another_resolution(stage2_run, stage1_ckpt, tmp_path):
     run_dir, _ = stage2_run  # its cache holds 32 px images (8x8 latents)
-    cfg = compose_train(TINY_LDM + ["resolution=64", f"autoencoder_ckpt={stage1_ckpt}", f"cache_dir={run_dir}/cache"],
+    cfg = compose_train(TINY_LDM + ["resolution=64", f"autoencoder.pretrained={stage1_ckpt}", f"cache_dir={run_dir}/cache"],
                         output_dir=tmp_path)
     with pytest.raises(ValueError, match=r"latent shape: cache \[4, 8, 8\] \(images of 32 px\) vs configured \[4, 16, 16\]"):
         train.train(cfg)
-    cfg = compose_train(TINY_LDM + ["resolution=34", f"autoencoder_ckpt={stage1_ckpt}", f"cache_dir={run_dir}/cache"],
+    cfg = compose_train(TINY_LDM + ["resolution=34", f"autoencoder.pretrained={stage1_ckpt}", f"cache_dir={run_dir}/cache"],
                         output_dir=tmp_path / "odd")
     with pytest.raises(ValueError, match="resolution=34 is not divisible by the autoencoder's downsampling factor 4"):
         train.train(cfg)  # 34 // 4 would pass as 8x8 latents of the 32 px cache
@@ -141,7 +141,7 @@ def test_stage2_refuses_a_cache_made_at_another_resolution(stage2_run, stage1_ck
 
 def test_stage2_resume_continues_the_step_count(stage2_run, stage1_ckpt, tmp_path):
     run_dir, _ = stage2_run
-    cfg = compose_train(TINY_LDM + [f"autoencoder_ckpt={stage1_ckpt}", f"cache_dir={run_dir}/cache",
+    cfg = compose_train(TINY_LDM + [f"autoencoder.pretrained={stage1_ckpt}", f"cache_dir={run_dir}/cache",
                                     "trainer.max_steps=16", f"ckpt_path={run_dir}/checkpoints/last.ckpt"],
                         output_dir=tmp_path)
     train.train(cfg)
@@ -153,7 +153,7 @@ def test_stage2_resume_continues_the_step_count(stage2_run, stage1_ckpt, tmp_pat
 def test_stage2_mixed_precision_on_gpu(stage1_ckpt, tmp_path, precision):
     on_gpu = [o for o in TINY_LDM if not o.startswith("trainer.accelerator")]
     cfg = compose_train(on_gpu + ["trainer=gpu", f"trainer.precision={precision}", "trainer.max_steps=6",
-                                  f"autoencoder_ckpt={stage1_ckpt}", f"cache_dir={tmp_path}/cache",
+                                  f"autoencoder.pretrained={stage1_ckpt}", f"cache_dir={tmp_path}/cache",
                                   "module.compile=true"], output_dir=tmp_path)
     metrics = train.train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))

@@ -82,7 +82,7 @@ def build_unet(ckpt: Source, use_ema: bool = True, what: str = "the U-Net") -> n
 
         raise ValueError(f"{origin}: a CompVis U-Net file does not record its attention heads. Name the "
                          "architecture with a preset, e.g. sd15 (Stable Diffusion 1.x: 8 heads) or ldm_kl8_txt2img "
-                         f"(unet_pretrained takes the configured unet=...); the weights imply {infer_unet_kwargs(weights)}")
+                         f"(unet.pretrained takes the configured unet=...); the weights imply {infer_unet_kwargs(weights)}")
     if spec is None or not weights:
         raise ValueError(f"{origin} holds no U-Net")
     return strict_load(instantiate(architecture(spec), key="config.unet", origin=origin), weights, what).eval()
