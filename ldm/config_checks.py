@@ -92,6 +92,12 @@ def _autoencoder_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"resolution={res} is too small for LPIPS-{net} (needs >= {lpips_min_input_size(net)})")
     if cfg.monitor == "val/lpips" and perceptual is None:
         problems.append("monitor=val/lpips needs an LPIPS net (loss.perceptual); set monitor=val/rec_loss")
+    vq_model = str(cfg.autoencoder.get("_target_", "")).endswith(".VQModel")
+    vq_loss = str(cfg.loss.get("_target_", "")).endswith(".VQAutoencoderLoss")
+    if vq_model != vq_loss:
+        problems.append(f"loss={'autoencoder' if vq_loss else 'autoencoder_vq'} goes with a "
+                        f"{'VQ' if vq_model else 'KL'} autoencoder ({cfg.autoencoder._target_}); pass "
+                        f"loss={'autoencoder_vq' if vq_model else 'autoencoder'}")
     return problems
 
 

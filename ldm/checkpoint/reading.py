@@ -29,6 +29,7 @@ from torch import Tensor
 from ldm.checkpoint.files import load_safetensors, load_torch_file, read_weights
 from ldm.checkpoint.registry import check_spec, check_stored_config
 from ldm.interop.configs import (
+    KL_TARGET,
     attention_levels,
     infer_vae_kwargs,
     unet_kwargs_from_diffusers,
@@ -37,13 +38,13 @@ from ldm.interop.configs import (
 )
 from ldm.interop.keymaps import unet_from_diffusers, vae_from_diffusers
 
-AE_TARGET = "ldm.models.autoencoder.AutoencoderKL"
+AE_TARGET = KL_TARGET
 UNET_TARGET = "ldm.models.unet.UNetModel"
 COMPVIS_AE, COMPVIS_UNET, COMPVIS_COND = "first_stage_model", "model.diffusion_model", "cond_stage_model"  # + "."
 EXPORT_META = "ldm.json"  # beside the weights of our diffusers exports; x.json beside x.safetensors
 EXPORT_KEY = "ldm_export"  # metadata entry of our CompVis-style single files
 EXPORT_FORMAT = "ldm-export"
-_AE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+_AE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
 _UNET_ROOTS = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.", "output_blocks.", "out.")
 
 
@@ -129,7 +130,8 @@ def _stage1(ae_state: dict[str, Tensor], spec: dict[str, Any], source: str, kind
 
 
 def _read_compvis(tensors: dict[str, Tensor], source: str, ae_spec: dict | None, unet_spec: dict | None) -> dict:
-    ae = submodule_state(tensors, COMPVIS_AE)
+    # an autoencoder's training leftovers (loss.*: discriminator, LPIPS, log-variance) are dropped
+    ae = {k: v for k, v in submodule_state(tensors, COMPVIS_AE).items() if k.startswith(_AE_ROOTS)}
     unet = submodule_state(tensors, COMPVIS_UNET)
     if not ae and not unet and any(k.startswith(_AE_ROOTS) for k in tensors):  # standalone CompVis autoencoder
         ae = {k: v for k, v in tensors.items() if k.startswith(_AE_ROOTS)}  # drops loss.* / model_ema.*
@@ -144,7 +146,7 @@ def _read_compvis(tensors: dict[str, Tensor], source: str, ae_spec: dict | None,
     out: dict[str, Any] = {"state_dict": {}, "ldm": {"stage": "unet", "config": {}, "latent_stats": None,
                                                       "source": {"path": source, "format": "compvis"}}}
     if ae:
-        out = _stage1(ae, ae_spec or {"_target_": AE_TARGET, **infer_vae_kwargs(ae)}, source, "compvis")
+        out = _stage1(ae, ae_spec or infer_vae_kwargs(ae), source, "compvis")
     if unet:  # its architecture only when named: CompVis files do not record the attention heads
         out["state_dict"].update({f"unet.{k}": v for k, v in unet.items()})
         if unet_spec is not None:

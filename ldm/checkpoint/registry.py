@@ -18,6 +18,7 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.hf_text import HFTextEncoder, MiniLMEncoder
 from ldm.models.text_encoders import ClassEncoder, NullEncoder, TransformerTextEncoder
 from ldm.models.unet import UNetModel
+from ldm.models.vq import VQModel
 
 # torch classes a stored *model* config may name, by exact name. The shipped presets (configs/autoencoder, unet,
 # text_encoder, loss/diffusion) name none: the only torch targets in configs/ are optimizers and LR schedulers.
@@ -25,6 +26,7 @@ TORCH_TARGETS: dict[str, Callable[..., Any]] = {}
 
 REGISTRY: dict[str, Callable[..., Any]] = {
     "ldm.models.autoencoder.AutoencoderKL": AutoencoderKL,
+    "ldm.models.vq.VQModel": VQModel,
     "ldm.models.unet.UNetModel": UNetModel,
     "ldm.models.text_encoders.TransformerTextEncoder": TransformerTextEncoder,
     "ldm.models.text_encoders.ClassEncoder": ClassEncoder,
@@ -42,7 +44,7 @@ REGISTRY: dict[str, Callable[..., Any]] = {
 # autoencoder.yaml), which only training builds, from the user's config. A stage-1 checkpoint may name these in
 # `config.loss` and nothing else there; they are not buildable (build_lpips may fetch weights).
 RECORDED_ONLY = frozenset({
-    "ldm.losses.autoencoder.AutoencoderLoss", "ldm.losses.lpips.build_lpips",
+    "ldm.losses.autoencoder.AutoencoderLoss", "ldm.losses.autoencoder.VQAutoencoderLoss", "ldm.losses.lpips.build_lpips",
     "ldm.models.discriminator.NLayerDiscriminator",
 })
 

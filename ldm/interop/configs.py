@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ldm.models.blocks import GROUPS
 
+KL_TARGET, VQ_TARGET = "ldm.models.autoencoder.AutoencoderKL", "ldm.models.vq.VQModel"
 DIFFUSERS_VERSION = "0.30.0"  # written into exported config.json files: the oldest diffusers they load in
 
 # diffusers settings our models do not implement, with the value that matches ours
@@ -113,27 +114,32 @@ def vae_diffusers_config(kwargs: Mapping[str, Any], scaling_factor: float, shift
 
 
 def infer_vae_kwargs(state: Mapping[str, Tensor], resolution: int = 256) -> dict[str, Any]:
-    """``AutoencoderKL`` arguments implied by a CompVis-named autoencoder state dict (prefix already stripped).
-    ``resolution``: the nominal size that places ``attn_resolutions`` (CompVis kl-f* configs: 256)."""
+    """The ``_target_`` spec of a CompVis-named autoencoder state dict (prefix already stripped), implied by its
+    shapes: ``AutoencoderKL``, or ``VQModel`` when it holds ``quantize.embedding.weight`` (the released VQ models'
+    quantiser: ``legacy=True``). ``resolution``: the nominal size that places ``attn_resolutions`` (CompVis
+    configs: 256)."""
     if any(".down_blocks." in k or ".mid_block." in k for k in state):
         raise ValueError("these are diffusers' parameter names (a diffusion_pytorch_model file): pass the folder that "
                          "holds it with its config.json")
-    if any(k.startswith("quantize.") for k in state):
-        raise ValueError("a VQ autoencoder (quantize.*): ldm has KL autoencoders only")
+    vq = "quantize.embedding.weight" in state
     need = ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_out.weight", "quant_conv.weight",
             "encoder.down.0.block.0.conv2.weight")
     if missing := [k for k in need if k not in state]:
-        raise ValueError(f"not a CompVis KL autoencoder state dict: no {missing}")
+        raise ValueError(f"not a CompVis {'VQ' if vq else 'KL'} autoencoder state dict: no {missing}")
     levels = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
     ch = int(state["encoder.conv_in.weight"].shape[0])
     mult = [int(state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0]) // ch for i in range(levels)]
     blocks = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)))
     attn = sorted({resolution // 2**i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in state})
-    return {"ch": ch, "ch_mult": mult, "num_res_blocks": blocks, "attn_resolutions": attn, "resolution": resolution,
-            "in_channels": int(state["encoder.conv_in.weight"].shape[1]),
-            "out_ch": int(state["decoder.conv_out.weight"].shape[0]),
-            "z_channels": int(state["encoder.conv_out.weight"].shape[0]) // 2,
-            "embed_dim": int(state["quant_conv.weight"].shape[0]) // 2, "double_z": True, "dropout": 0.0}
+    shared = {"ch": ch, "ch_mult": mult, "num_res_blocks": blocks, "attn_resolutions": attn, "resolution": resolution,
+              "in_channels": int(state["encoder.conv_in.weight"].shape[1]),
+              "out_ch": int(state["decoder.conv_out.weight"].shape[0]), "dropout": 0.0}
+    if vq:
+        n_embed, embed_dim = state["quantize.embedding.weight"].shape
+        return {"_target_": VQ_TARGET, **shared, "z_channels": int(state["encoder.conv_out.weight"].shape[0]),
+                "embed_dim": int(embed_dim), "n_embed": int(n_embed), "beta": 0.25, "legacy": True, "double_z": False}
+    return {"_target_": KL_TARGET, **shared, "z_channels": int(state["encoder.conv_out.weight"].shape[0]) // 2,
+            "embed_dim": int(state["quant_conv.weight"].shape[0]) // 2, "double_z": True}
 
 
 # ------------------------------------------------------------------------------------------------- U-Net

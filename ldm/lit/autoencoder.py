@@ -1,4 +1,4 @@
-"""Lightning module for stage 1 (KL autoencoder + PatchGAN). Thin: unpack, call the loss, step, log.
+"""Lightning module for stage 1 (KL or VQ autoencoder + PatchGAN). Thin: unpack, call the loss, step, log.
 
 Manual optimisation because the generator and the discriminator alternate with their own optimizers
 (Rombach et al. 2022, App. G; Esser et al. 2021). ``global_step`` counts generator updates only, so that
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ldm.lit.optim import build_optimizer
 from ldm.lit.resilience import StepGuard, amp_scaler, poison_if_not_finite, restart_optimisation
-from ldm.losses.autoencoder import AutoencoderLoss
+from ldm.losses.autoencoder import FirstStageLoss
 from ldm.metrics.image_quality import psnr, ssim
 from ldm.models.ema import ema_decay_at, ema_update
 
@@ -27,9 +27,9 @@ class AutoencoderModule(pl.LightningModule):
     """Stage-1 training.
 
     Args:
-        autoencoder: ``AutoencoderKL``.
-        loss: ``AutoencoderLoss`` (owns discriminator, LPIPS and log-variance).
-        optimizer: partial ``torch.optim`` constructor for the autoencoder (+ log-variance).
+        autoencoder: ``AutoencoderKL`` or ``VQModel``.
+        loss: ``AutoencoderLoss`` or ``VQAutoencoderLoss`` (owns discriminator, LPIPS and, for KL, log-variance).
+        optimizer: partial ``torch.optim`` constructor for the autoencoder (+ the loss's generator parameters).
         disc_optimizer: partial constructor for the discriminator.
         lr_scheduler: optional partial ``torch.optim.lr_scheduler`` applied to both optimizers, stepped once per
             training step (generator update).
@@ -57,7 +57,7 @@ class AutoencoderModule(pl.LightningModule):
     def __init__(
         self,
         autoencoder: nn.Module,
-        loss: AutoencoderLoss,
+        loss: FirstStageLoss,
         optimizer: Callable[..., torch.optim.Optimizer],
         disc_optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
@@ -113,7 +113,8 @@ class AutoencoderModule(pl.LightningModule):
 
     def configure_optimizers(self):
         lr = self.learning_rate()
-        gen_params = list(self.autoencoder.parameters()) + [self.loss.logvar]
+        gen_params = [p for p in self.autoencoder.parameters() if p.requires_grad]  # an EMA codebook is not
+        gen_params += self.loss.generator_parameters()
         opt_g = build_optimizer(self.optimizer_factory, gen_params, lr)
         opt_d = build_optimizer(self.disc_optimizer_factory, self.loss.discriminator.parameters(), lr)
         if self.lr_scheduler_factory is None:

@@ -1,10 +1,15 @@
-"""Stage-1 objective: L1 + LPIPS reconstruction with a learned log-variance, KL, and a PatchGAN.
+"""Stage-1 objectives: L1 + LPIPS reconstruction, a regulariser, and a PatchGAN with VQGAN's adaptive weight.
 
 Rombach et al. 2022, Sec. 3.1 / App. G: the autoencoder is trained with a perceptual loss and a patch-based
-adversarial objective, plus a small KL penalty towards N(0, I) ("KL-reg."). The reconstruction term is a
-Laplace negative log-likelihood with one learned scalar log-variance, as in the released code:
-    nll = |x - x̂|_lpips / exp(logvar) + logvar,     |x - x̂|_lpips = |x - x̂|_1 + w_p * LPIPS(x, x̂)
-summed over pixels and averaged over the batch (so `kl_weight` 1e-6 has the paper's meaning).
+adversarial objective, plus a regulariser of the latent:
+
+- ``AutoencoderLoss`` (KL-reg., the released ``LPIPSWithDiscriminator``): the reconstruction term is a Laplace
+  negative log-likelihood with one learned scalar log-variance,
+  ``nll = |x - x̂|_lpips / exp(logvar) + logvar`` with ``|x - x̂|_lpips = |x - x̂|_1 + w_p * LPIPS(x, x̂)``,
+  summed over pixels and averaged over the batch (so ``kl_weight`` 1e-6 has the paper's meaning), plus the KL
+  towards N(0, I).
+- ``VQAutoencoderLoss`` (VQ-reg., taming's ``VQLPIPSWithDiscriminator``): ``|x - x̂|_lpips`` averaged over pixels,
+  plus ``codebook_weight`` times the quantiser's loss (``ldm.models.vq``).
 """
 
 from __future__ import annotations
@@ -14,35 +19,26 @@ from torch import Tensor, nn
 
 from ldm.losses.gan import adaptive_weight, discriminator_loss, gate, generator_loss
 from ldm.models.distributions import DiagonalGaussianDistribution
+from ldm.models.vq import Quantized
 
 
-class AutoencoderLoss(nn.Module):
-    """Holds what the stage-1 loss trains or freezes: the log-variance, the discriminator, the LPIPS net.
+class FirstStageLoss(nn.Module):
+    """What both stage-1 losses share: the discriminator, the LPIPS net, the adversarial terms. Subclasses give
+    ``fit(rec, regularised, batch) -> (reconstruction term, regulariser term, logs)``.
 
     Args:
         discriminator: PatchGAN, ``[B,3,H,W] -> [B,1,h,w]`` logits.
         perceptual: frozen LPIPS module ``(x, y) -> [B]`` on images in [-1, 1]; ``None`` disables it.
-        disc_start: generator step at which the adversarial terms switch on (paper: 50001).
-        kl_weight, perceptual_weight, disc_weight: term weights (paper: 1e-6, 1.0, 0.5).
+        disc_start: generator step at which the adversarial terms switch on (paper, KL-f8: 50001).
+        perceptual_weight, disc_weight: term weights.
         disc_factor: multiplier of the adversarial terms once active.
         disc_loss: ``"hinge"`` or ``"vanilla"``.
-        logvar_init: initial value of the learned log-variance.
         adaptive: use VQGAN's adaptive generator weight (else a constant ``disc_weight``).
     """
 
-    def __init__(
-        self,
-        discriminator: nn.Module,
-        perceptual: nn.Module | None = None,
-        disc_start: int = 50001,
-        kl_weight: float = 1e-6,
-        perceptual_weight: float = 1.0,
-        disc_weight: float = 0.5,
-        disc_factor: float = 1.0,
-        disc_loss: str = "hinge",
-        logvar_init: float = 0.0,
-        adaptive: bool = True,
-    ) -> None:
+    def __init__(self, discriminator: nn.Module, perceptual: nn.Module | None, disc_start: int,
+                 perceptual_weight: float, disc_weight: float, disc_factor: float, disc_loss: str,
+                 adaptive: bool) -> None:
         super().__init__()
         if disc_loss not in ("hinge", "vanilla"):
             raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {disc_loss!r}")
@@ -50,14 +46,19 @@ class AutoencoderLoss(nn.Module):
             raise ValueError("perceptual_weight > 0 needs a perceptual (LPIPS) module; set it or the weight to 0")
         self.discriminator = discriminator
         self.perceptual = perceptual
-        self.logvar = nn.Parameter(torch.full((), float(logvar_init)))
         self.disc_start = int(disc_start)
-        self.kl_weight = kl_weight
         self.perceptual_weight = perceptual_weight
         self.disc_weight = disc_weight
         self.disc_factor = disc_factor
         self.disc_loss = disc_loss
         self.adaptive = adaptive
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """The loss's own parameters trained with the autoencoder (KL: the log-variance)."""
+        return []
+
+    def fit(self, rec: Tensor, regularised, batch: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
 
     def discriminator_active(self, step: int) -> bool:
         return gate(step, self.disc_start, self.disc_factor) > 0
@@ -75,27 +76,20 @@ class AutoencoderLoss(nn.Module):
         self,
         inputs: Tensor,
         recon: Tensor,
-        posterior: DiagonalGaussianDistribution,
+        regularised: DiagonalGaussianDistribution | Quantized,
         step: int,
         last_layer: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Autoencoder (generator) loss and its parts for logging.
 
-        inputs, recon: ``[B,3,H,W]`` in [-1, 1]. ``last_layer`` is needed for the adaptive weight once the
+        inputs, recon: ``[B,3,H,W]`` in [-1, 1]; ``regularised``: the autoencoder's second output (the KL
+        posterior, or what the quantiser did). ``last_layer`` is needed for the adaptive weight once the
         discriminator is active during training; without it ``disc_weight`` is used as is.
         """
-        batch = inputs.shape[0]
         rec = self.reconstruction(inputs, recon)
-        nll = rec / torch.exp(self.logvar) + self.logvar
-        nll_loss = nll.sum() / batch
-        kl = posterior.kl().float().sum() / batch
-        loss = nll_loss + self.kl_weight * kl
-        logs = {
-            "rec_loss": rec.detach().mean(),
-            "nll_loss": nll_loss.detach(),
-            "kl": kl.detach(),
-            "logvar": self.logvar.detach(),
-        }
+        nll_loss, reg, logs = self.fit(rec, regularised, inputs.shape[0])
+        loss = nll_loss + reg
+        logs["rec_loss"] = rec.detach().mean()
         factor = gate(step, self.disc_start, self.disc_factor)
         if factor > 0:
             logits_fake = self.discriminator(recon.contiguous())
@@ -121,3 +115,53 @@ class AutoencoderLoss(nn.Module):
             "logits_fake": logits_fake.detach().mean(),
         }
         return d_loss, logs
+
+
+class AutoencoderLoss(FirstStageLoss):
+    """KL-reg. (LDM's ``LPIPSWithDiscriminator``): the learned-log-variance NLL (summed over pixels) plus
+    ``kl_weight`` KL; owns the log-variance. Paper values for KL-f8: disc_start 50001, kl 1e-6, disc weight 0.5.
+    ``logvar_init``: initial value of the learned log-variance. Other arguments: ``FirstStageLoss``."""
+
+    def __init__(self, discriminator: nn.Module, perceptual: nn.Module | None = None, disc_start: int = 50001,
+                 kl_weight: float = 1e-6, perceptual_weight: float = 1.0, disc_weight: float = 0.5,
+                 disc_factor: float = 1.0, disc_loss: str = "hinge", logvar_init: float = 0.0,
+                 adaptive: bool = True) -> None:
+        super().__init__(discriminator, perceptual, disc_start, perceptual_weight, disc_weight, disc_factor,
+                         disc_loss, adaptive)
+        self.logvar = nn.Parameter(torch.full((), float(logvar_init)))
+        self.kl_weight = kl_weight
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        return [self.logvar]
+
+    def fit(self, rec: Tensor, posterior: DiagonalGaussianDistribution, batch: int):
+        if not isinstance(posterior, DiagonalGaussianDistribution):
+            raise TypeError(f"the KL loss needs a KL autoencoder's posterior, got {type(posterior).__name__}: "
+                            "use loss=autoencoder_vq with a VQ autoencoder")
+        nll_loss = (rec / torch.exp(self.logvar) + self.logvar).sum() / batch
+        kl = posterior.kl().float().sum() / batch
+        return nll_loss, self.kl_weight * kl, {"nll_loss": nll_loss.detach(), "kl": kl.detach(),
+                                               "logvar": self.logvar.detach()}
+
+
+class VQAutoencoderLoss(FirstStageLoss):
+    """VQ-reg. (taming's ``VQLPIPSWithDiscriminator``): ``mean(|x - x̂| + w_p LPIPS)`` plus ``codebook_weight``
+    times the quantiser's loss; logs its codebook and commitment terms, perplexity and codebook usage. Released
+    VQ-f8 values: disc_start 1, disc weight 0.6, codebook weight 1.0. Other arguments: ``FirstStageLoss``."""
+
+    def __init__(self, discriminator: nn.Module, perceptual: nn.Module | None = None, disc_start: int = 0,
+                 codebook_weight: float = 1.0, perceptual_weight: float = 1.0, disc_weight: float = 0.75,
+                 disc_factor: float = 1.0, disc_loss: str = "hinge", adaptive: bool = True) -> None:
+        super().__init__(discriminator, perceptual, disc_start, perceptual_weight, disc_weight, disc_factor,
+                         disc_loss, adaptive)
+        self.codebook_weight = codebook_weight
+
+    def fit(self, rec: Tensor, quantized: Quantized, batch: int):
+        if not isinstance(quantized, Quantized):
+            raise TypeError(f"the VQ loss needs a VQ autoencoder's quantiser output, got {type(quantized).__name__}: "
+                            "use loss=autoencoder with a KL autoencoder")
+        nll_loss = rec.mean()
+        return nll_loss, self.codebook_weight * quantized.loss, {
+            "nll_loss": nll_loss.detach(), "quant_loss": quantized.loss.detach(),
+            "codebook_loss": quantized.codebook_loss.detach(), "commitment_loss": quantized.commitment_loss.detach(),
+            "perplexity": quantized.perplexity.detach(), "codebook_usage": quantized.usage.detach()}

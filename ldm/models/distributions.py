@@ -64,6 +64,12 @@ class DiagonalGaussianDistribution:
             self.std = torch.exp(0.5 * self.logvar)
             self.var = torch.exp(self.logvar)
 
+    @classmethod
+    def point_mass(cls, mean: Tensor) -> DiagonalGaussianDistribution:
+        """All mass on ``mean``: the "posterior" of a deterministic encoder (VQ's pre-quantisation latent). Its
+        log-variance is ``LOGVAR_MIN``, so moments cached from it sample ``mean`` (noise std exp(-15) ~ 3e-7)."""
+        return cls(torch.cat([mean, torch.full_like(mean, LOGVAR_MIN)], dim=1), deterministic=True)
+
     def _sum_dims(self) -> tuple[int, ...]:
         return tuple(range(1, self.mean.ndim))
 
