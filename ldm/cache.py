@@ -45,11 +45,18 @@ from ldm.cli import check_arguments, user_errors
 from ldm.config_checks import check_labels
 from ldm.data.common import check_resolution
 from ldm.data.datamodules import canonical_dataset
-from ldm.data.latent_format import CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, autoencoder_identity
+from ldm.data.latent_format import (
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    CLASSES_NAME,
+    MANIFEST_NAME,
+    autoencoder_identity,
+)
 from ldm.data.latent_writer import (
     ShardUnit,
     ShardWriter,
     UnitStream,
+    class_index,
     clean_cache_dir,
     finished_shard,
     plan_units,
@@ -203,7 +210,8 @@ def _encode_units(job: _Job, datasets: dict[str, Any], units: list[ShardUnit], b
                     size = writer.finish()
                     write_json(sidecar_path(job.out_dir / unit.name), {
                         "name": unit.name, "num_samples": writer.count, "bytes": size, "source": unit.source,
-                        "settings": job.settings[unit.split], "n_bad": writer.n_bad, "labels": writer.labels,
+                        "settings": job.settings[unit.split], "n_bad": writer.n_bad, "labels": bool(writer.classes),
+                        "classes": writer.classes,
                         "context_shape": writer.context_shape, "rank": job.rank, "world_size": job.world,
                         "seconds": round(time.perf_counter() - writer.started, 3)})
                     bar.set_postfix(shard=unit.name)
@@ -345,6 +353,9 @@ def build_cache(
         for split, entry in (previous or {}).get("splits", {}).items():
             manifest["splits"].setdefault(split, entry)
         labels = any(v.get("labels") for v in manifest["splits"].values())
+        if labels:  # the class index: every label of the cache, its name where the data gives one, counts per split
+            manifest["classes"] = class_index(manifest["splits"])
+            write_json(out_dir / CLASSES_NAME, manifest["classes"])
         context = next((v["context_shape"] for v in manifest["splits"].values() if v.get("context_shape")), None)
         manifest["text_encoder"] = None if text_id is None else {"identity": text_id, "context_shape": context}
         manifest["fields"] = ["mean", "logvar", "caption", "attributes", "key"] + ["label"] * labels + (

@@ -116,6 +116,17 @@ def check_val_interval(cfg: DictConfig, loader) -> None:
             f"{interval} steps across epochs with trainer.check_val_every_n_epoch=null")
 
 
+def check_classes(text_encoder, manifest: dict, cache_dir) -> None:
+    """A class-conditional model needs an embedding for every label of its latent cache (its ``classes.json``)."""
+    classes = manifest.get("classes")
+    if getattr(text_encoder, "input_key", "caption") != "label" or not classes:
+        return
+    if classes["num_classes"] > text_encoder.num_classes:
+        raise ValueError(f"text_encoder.num_classes={text_encoder.num_classes}, but the latent cache {cache_dir} has "
+                         f"labels up to {classes['num_classes'] - 1} (its classes.json): set "
+                         f"text_encoder.num_classes={classes['num_classes']}")
+
+
 def check_labels(cfg: DictConfig, text_encoder, dataset, what: str) -> None:
     """A class-conditional model needs a class label in every sample; say so before any work."""
     if getattr(text_encoder, "input_key", "caption") != "label":
@@ -126,6 +137,6 @@ def check_labels(cfg: DictConfig, text_encoder, dataset, what: str) -> None:
         label = json.loads(sample.get("attributes") or "{}").get("label")
     if label is None:
         raise ValueError(f"text_encoder=class conditions on class labels, but {what} carry none (data="
-                         f"{OmegaConf.select(cfg, 'data.dataset._target_')}). Use a labelled dataset (data=fashion_mnist)"
+                         f"{OmegaConf.select(cfg, 'data.dataset._target_')}). Use labelled data (data=fashion_mnist, or data.dataset.labels=subfolder for a folder with one subfolder per class)"
                          ", or a text encoder that reads captions (text_encoder=transformer_small, minilm, ...) or "
                          "none (unconditional)")

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.cache import ensure_cache
 from ldm.checkpoint import add_latent_stats, architecture, build_autoencoder, strict_load
-from ldm.config_checks import check_labels
+from ldm.config_checks import check_classes, check_labels
 from ldm.data.latent_format import autoencoder_identity, check_cache_compatible, read_manifest
 from ldm.export import load_unet, pretrained_source, read_any
 from ldm.models.latent_stats import channel_spread_problem
@@ -67,6 +67,7 @@ def build_ldm_stage(cfg: DictConfig, config: dict):
         stats = manifest["latent_stats"]  # an imported autoencoder's statistics: measured once, kept in the cache
     if (problem := channel_spread_problem(stats or {}, str(cfg.latent_norm))) is not None:
         log.warning(problem)
+    check_classes(text_encoder, manifest, cache_dir)
     data = instantiate(cfg.latent_data, path=str(cache_dir), on_gpu=latents_on_gpu(cfg))
     check_labels(cfg, text_encoder, data.dataset("train"), f"the latent cache {cache_dir}")
     latent_shape = tuple(manifest["latent_shape"])

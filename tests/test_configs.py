@@ -24,7 +24,8 @@ def _options(group: str) -> list[str]:
 
 # groups (and experiments) that belong to stage 2; everything else is composed with the default stage 1
 LDM_GROUPS = ["unet", "text_encoder", "sampler"]
-LDM_EXPERIMENTS = {"quickstart/ldm"}
+LDM_EXPERIMENTS = {"quickstart/ldm", "paper/ldm_kl8_txt2img", "paper/ldm4_cin256", "paper/ldm8_cin256",
+                   "paper/ldm4_celebahq", "paper/ldm4_lsun"}
 
 
 def _stage_of(group: str, option: str) -> str:

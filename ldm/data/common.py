@@ -180,6 +180,18 @@ def make_sample(image: Tensor, caption: str, attributes: str | dict | None, key:
     return {"image": image, "caption": caption, "attributes": attributes, "key": key, "n_bad": int(n_bad)}
 
 
+def with_label(attributes: str | None, label: int, name: str | None = None) -> str:
+    """Attribute JSON text with the class ``label`` (and its ``class_name``) added: where every ldm dataset keeps
+    a sample's class (the latent cache and ``text_encoder=class`` read ``attributes["label"]``)."""
+    merged = json.loads(attributes) if attributes else {}
+    if not isinstance(merged, dict):
+        merged = {"value": merged}
+    merged["label"] = int(label)
+    if name is not None:
+        merged["class_name"] = name
+    return json.dumps(merged, sort_keys=True)
+
+
 class BadDataCounter:
     """Counts items that failed to load, per process (each DataLoader worker keeps its own copy).
 

@@ -5,6 +5,10 @@ with lines ``{"file": "<path relative to root>", "caption": "...", "attributes":
 ``text`` are accepted too, as in Hugging Face "imagefolder" metadata). Images without a caption get ""; they
 are counted in ``n_missing_captions`` (they are not bad data).
 
+Class labels (``labels="subfolder"``): one subfolder of ``root`` per class, as ImageNet is laid out
+(``root/n01440764/x.JPEG``); classes are the sorted subfolder names, numbered from 0 over the whole folder (so
+every split numbers them alike), and each sample's attributes carry ``label`` and ``class_name``.
+
 The train/val split is a stable hash of each file's relative path, so adding files never moves existing
 files between splits. Unreadable or truncated images are skipped (the next good one is returned and the
 sample's ``n_bad`` says how many were skipped); too many bad files raise a RuntimeError listing them.
@@ -29,12 +33,24 @@ from ldm.data.common import (
     make_sample,
     open_image,
     unit_hash,
+    with_label,
 )
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test", "all")
 CAPTIONS_FILE = "captions.jsonl"
+LABEL_SOURCES = (None, "subfolder")
+
+
+def class_folders(root: Path, files: Sequence[str]) -> list[str]:
+    """The sorted class names of an ImageNet-style folder (the first path component of every image); an image
+    directly in ``root`` is a ValueError naming it."""
+    loose = [f for f in files if "/" not in f]
+    if loose:
+        raise ValueError(f"labels=subfolder needs every image in a class subfolder of {root}, but {len(loose)} lie in "
+                         f"it directly (e.g. {loose[:3]}): move them into a class folder or use labels=null")
+    return sorted({f.split("/", 1)[0] for f in files})
 
 
 def find_images(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
@@ -127,6 +143,7 @@ class ImageFolderDataset(Dataset):
         val_fraction: share of files in the val split (by hash of the relative path).
         max_bad_fraction: raise when more than this share of load attempts fail (after 20 attempts).
         extensions: file endings to include (case-insensitive).
+        labels: ``"subfolder"``: class labels from the class subfolders (module docstring); None: no labels.
 
     Yields dicts: image FloatTensor [3, resolution, resolution] in [-1, 1], caption, attributes (JSON
     text), key (path relative to root), n_bad (bad files skipped to produce this sample).
@@ -134,14 +151,18 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str | os.PathLike, split: str = "train", resolution: int = 256,
                  crop: str = "center", flip: bool = False, val_fraction: float = 0.05,
-                 max_bad_fraction: float = 0.05, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> None:
+                 max_bad_fraction: float = 0.05, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                 labels: str | None = None) -> None:
         self.root = Path(root).expanduser()
         self.split = check_choice("split", split, SPLITS)
+        if labels not in LABEL_SOURCES:
+            raise ValueError(f"labels={labels!r} is not supported; choose null or subfolder")
         self.val_fraction = check_fraction("val_fraction", val_fraction)
         # Augmentation is for training only: evaluation must see the same pixels every epoch.
         train = split == "train"
         self.transform = ImageTransform(resolution, crop if train else "center", flip and train)
         files, texts = scan_folder(self.root, extensions)
+        self.classes = class_folders(self.root, files) if labels == "subfolder" else None
         self.files = split_files(files, "val" if split == "test" else split, self.val_fraction)
         captions, self._attributes = read_captions(self.root, self.files, texts)
         self._captions = {f: captions[f] for f in self.files if f in captions}
@@ -175,7 +196,11 @@ class ImageFolderDataset(Dataset):
                     error = self._known_bad[name] = f"{type(exc).__name__}: {exc}"
                 else:
                     n_bad = self.bad.ok()
-                    return make_sample(image, self._captions.get(name, ""), self._attributes.get(name), name, n_bad)
+                    attributes = self._attributes.get(name)
+                    if self.classes is not None:
+                        cls = name.split("/", 1)[0]
+                        attributes = with_label(attributes, self.classes.index(cls), cls)
+                    return make_sample(image, self._captions.get(name, ""), attributes, name, n_bad)
             if step == 0 and name in self._counted_ahead:
                 self._counted_ahead.discard(name)
             elif step == 0 or name not in self._counted_ahead:

@@ -29,6 +29,7 @@ from torch.utils.data import default_collate
 CACHE_FORMAT = "ldm-latent-cache"
 CACHE_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+CLASSES_NAME = "classes.json"  # a labelled cache's class index (ldm.data.latent_writer.class_index)
 LIST_FIELDS = ("caption", "attributes", "key")  # per-sample strings: batches keep them as lists
 
 

@@ -18,7 +18,7 @@ import json
 import math
 import tarfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,14 +98,16 @@ def _meta(sample: Mapping[str, Any]) -> dict[str, Any]:
     attributes = attributes if isinstance(attributes, str) else json.dumps(attributes, sort_keys=True)
     meta = {"caption": str(sample.get("caption", "")), "attributes": attributes, "key": str(sample.get("key", "")),
             "n_bad": int(sample.get("n_bad", 0))}
-    label = sample.get("label")
-    if label is None:  # class datasets (fashion_mnist) keep their class in the attributes
-        try:
-            label = json.loads(attributes).get("label")
-        except (ValueError, AttributeError):
-            label = None
+    try:  # labelled datasets keep the class in the attributes (ldm.data.common.with_label)
+        parsed = json.loads(attributes)
+        parsed = parsed if isinstance(parsed, dict) else {}
+    except ValueError:
+        parsed = {}
+    label = sample.get("label", parsed.get("label"))
     if isinstance(label, (int, np.integer)) or (isinstance(label, Tensor) and label.numel() == 1):
         meta["label"] = int(label)
+        if isinstance(parsed.get("class_name"), str):
+            meta["class_name"] = parsed["class_name"]
     return meta
 
 
@@ -147,7 +149,7 @@ class ShardWriter:
         self.files = AtomicFiles()
         self.tar = wds.TarWriter(self.files.open(str(path)), encoder=False, mtime=0.0)
         self.count = self.n_bad = 0
-        self.labels = False
+        self.classes: dict[str, dict[str, Any]] = {}  # label -> {"name", "count"} of this shard
         self.context_shape: list[int] | None = None
         self.started = time.perf_counter()
 
@@ -159,7 +161,10 @@ class ShardWriter:
             self.tar.write(sample)
             self.count += 1
             self.n_bad += m["n_bad"]
-            self.labels = self.labels or "label" in m
+            if "label" in m:
+                entry = self.classes.setdefault(str(m["label"]), {"name": None, "count": 0})
+                entry["count"] += 1
+                entry["name"] = entry["name"] or m.get("class_name")
         if "context" in arrays:
             self.context_shape = list(arrays["context"].shape[1:])
 
@@ -250,6 +255,30 @@ def clean_cache_dir(out_dir: Path, splits: Sequence[str], keep: dict[str, int], 
         tmp.unlink(missing_ok=True)
 
 
+def merge_classes(parts: Iterable[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """``{label: {"name", "count"}}`` of several shards (or splits) as one, counts added, labels in order."""
+    out: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for label, entry in part.items():
+            merged = out.setdefault(str(label), {"name": None, "count": 0})
+            merged["count"] += int(entry.get("count", 0))
+            merged["name"] = merged["name"] or entry.get("name")
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
+def class_index(splits: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A labelled cache's ``classes.json``: ``{"num_classes": largest label + 1, "classes": {label: {"name":
+    class name or None, <split>: images}}}`` from the splits' manifest entries."""
+    classes: dict[str, dict[str, Any]] = {}
+    for split, entry in splits.items():
+        for label, counted in (entry.get("classes") or {}).items():
+            merged = classes.setdefault(str(label), {"name": None})
+            merged["name"] = merged["name"] or counted.get("name")
+            merged[split] = int(counted.get("count", 0))
+    labels = sorted(classes, key=int)
+    return {"num_classes": int(labels[-1]) + 1 if labels else 0, "classes": {k: classes[k] for k in labels}}
+
+
 def split_entry(out_dir: Path, plan: list[ShardUnit], settings: dict) -> dict[str, Any]:
     """The manifest entry of one split from its shards' sidecars; raises if a shard of ``plan`` is not done."""
     infos = []
@@ -261,6 +290,7 @@ def split_entry(out_dir: Path, plan: list[ShardUnit], settings: dict) -> dict[st
         infos.append(info)
     return {"num_samples": sum(i["num_samples"] for i in infos), "source": settings["source"],
             "n_bad": sum(i["n_bad"] for i in infos), "labels": any(i["labels"] for i in infos),
+            "classes": merge_classes(i.get("classes") or {} for i in infos),
             "context_shape": next((i["context_shape"] for i in infos if i["context_shape"]), None),
             "shards": [{"name": i["name"], "num_samples": i["num_samples"], "bytes": i["bytes"]}
                        for i in infos if i["num_samples"] > 0]}

@@ -25,7 +25,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from ldm.data.common import article, check_choice, check_resolution, make_sample, pil_to_tensor, stable_hash
+from ldm.data.common import (
+    article,
+    check_choice,
+    check_resolution,
+    make_sample,
+    pil_to_tensor,
+    stable_hash,
+    with_label,
+)
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "hexagon")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -192,13 +200,15 @@ class ShapesDataset(Dataset):
         resolution: output side in pixels, 8..1024.
         seed: changes every scene of every split; splits stay disjoint for any seeds.
         min_shapes, max_shapes: shapes per image, 1 <= min <= max <= 9.
+        labels: ``"shape"``: each image's class is the kind of its one shape (``SHAPES`` order: 6 classes; needs
+            max_shapes=1), in its attributes' ``label`` / ``class_name``; None: no labels.
 
     Yields dicts: image FloatTensor [3, resolution, resolution] in [-1, 1], caption, attributes (JSON text),
     key "shapes/<split>/<index>", n_bad = 0.
     """
 
     def __init__(self, split: str = "train", size: int = 10000, resolution: int = 64, seed: int = 0,
-                 min_shapes: int = 1, max_shapes: int = 3, val_size: int = 1000) -> None:
+                 min_shapes: int = 1, max_shapes: int = 3, val_size: int = 1000, labels: str | None = None) -> None:
         self.split = check_choice("split", split, tuple(SPLITS))
         self.resolution = check_resolution(resolution, 8, 1024)
         if not 1 <= min_shapes <= max_shapes <= GRID * GRID:
@@ -210,6 +220,12 @@ class ShapesDataset(Dataset):
         self.length = int(n)
         self.seed = int(seed)
         self.min_shapes, self.max_shapes = int(min_shapes), int(max_shapes)
+        if labels not in (None, "shape"):
+            raise ValueError(f"labels={labels!r} is not supported; choose null or shape")
+        if labels == "shape" and self.max_shapes != 1:
+            raise ValueError(f"labels=shape labels each image by its shape's kind, so it needs one shape per image: "
+                             f"set max_shapes=1 (got {self.max_shapes})")
+        self.labels = labels
         self._split_code = stable_hash("ldm.shapes.split", split) % 2**32
 
     def __len__(self) -> int:
@@ -232,6 +248,9 @@ class ShapesDataset(Dataset):
         scene = self.scene(index)
         image = pil_to_tensor(render_scene(scene, self.resolution))
         attributes = json.dumps(scene_attributes(scene), sort_keys=True)
+        if self.labels == "shape":  # class = the kind of the image's one shape, numbered as in SHAPES
+            kind = scene[1][0][0]
+            attributes = with_label(attributes, SHAPES.index(kind), kind)
         return make_sample(image, scene_caption(scene), attributes, f"shapes/{self.split}/{index:07d}")
 
     def __repr__(self) -> str:

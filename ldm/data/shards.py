@@ -1,8 +1,9 @@
 """WebDataset shards: a streaming reader (``WebDatasetImages``), a writer (``write_shards``) and a CLI.
 
 A shard is a tar file whose members are grouped by key: ``<key>.png|jpg|jpeg|webp`` (the image),
-``<key>.txt`` (the caption) and ``<key>.json`` (attributes; its "caption" field is used when there is no
-.txt). Shards are split across ranks first and then across DataLoader workers (as webdataset's
+``<key>.txt`` (the caption), ``<key>.json`` (attributes; its "caption" field is used when there is no
+.txt; a "label" field is the sample's class) and ``<key>.cls`` (the class label as decimal text, webdataset's
+convention: it becomes the attributes' "label"). Shards are split across ranks first and then across DataLoader workers (as webdataset's
 ``split_by_node`` / ``split_by_worker``: rank r reads shards r, r + W, r + 2W, ... where W is the world size,
 taken from RANK/WORLD_SIZE or from torch.distributed once it is initialised, else from where the dataset was
 built, so that "spawn"-started workers split correctly too). Write at least
@@ -40,6 +41,7 @@ from ldm.data.common import (
     open_image,
     stable_hash,
     tensor_to_uint8,
+    with_label,
 )
 from ldm.data.tarcheck import scan_tar_cached
 
@@ -260,10 +262,12 @@ class WebDatasetImages(IterableDataset):
                 caption = raw["txt"].decode("utf-8").strip()
             else:
                 caption = str(meta.get("caption", "")) if isinstance(meta, dict) else ""
-        except Exception as exc:  # broken image bytes, bad UTF-8 or JSON
+            attributes = raw["json"].decode("utf-8") if "json" in raw else "{}"
+            if "cls" in raw:  # webdataset's class member: the label as decimal text
+                attributes = with_label(attributes, int(raw["cls"].decode("utf-8").strip()))
+        except Exception as exc:  # broken image bytes, bad UTF-8, JSON or class
             self.bad.failed(name, exc)
             return None
-        attributes = raw["json"].decode("utf-8") if "json" in raw else "{}"
         return make_sample(image, caption, attributes, key, self.bad.ok())
 
     def __repr__(self) -> str:

@@ -60,7 +60,8 @@ class SampleGrid(pl.Callback):
     """Every ``every_n_steps`` training steps (and at the end of training), sample ``images_per_prompt`` images
     for each of a fixed list of prompts with the EMA U-Net, and save them as a grid (one row per prompt) in
     ``<run_dir>/images/samples_stepNNNNNNN.png`` and to the logger. Same seed at every call, so successive grids
-    show how the same noise is denoised as training goes on."""
+    show how the same noise is denoised as training goes on. A class-conditional model given captions (the
+    default prompts) samples one row per class instead, the first ``len(prompts)`` classes."""
 
     def __init__(self, dirpath: str, prompts: list[str], every_n_steps: int = 1000, images_per_prompt: int = 4,
                  sampler: str = "dpmpp_2m", steps: int = 25, cfg_scale: float = 3.0, seed: int = 0) -> None:
@@ -78,13 +79,17 @@ class SampleGrid(pl.Callback):
         if not trainer.is_global_zero or step == self._last_step:
             return
         self._last_step = step
-        prompts = [p for p in self.prompts for _ in range(self.images_per_prompt)]
+        rows = self.prompts
+        encoder = getattr(pl_module, "text_encoder", None)
+        if getattr(encoder, "input_key", "caption") == "label" and not all(str(p).isdigit() for p in rows):
+            rows = [str(c) for c in range(min(len(rows), encoder.num_classes))]
+        prompts = [p for p in rows for _ in range(self.images_per_prompt)]
         images = pl_module.sample_images(prompts, self.sampler, self.steps, self.cfg_scale, self.seed)
         grid = make_grid(images.cpu(), nrow=self.images_per_prompt, normalize=True, value_range=(-1, 1))
         self.dirpath.mkdir(parents=True, exist_ok=True)
         save_image(grid, self.dirpath / f"samples_step{step:07d}.png")
-        (self.dirpath / "prompts.txt").write_text("\n".join(self.prompts) + "\n")
-        log_image(trainer, "samples", grid, step, caption=" | ".join(self.prompts))
+        (self.dirpath / "prompts.txt").write_text("\n".join(rows) + "\n")
+        log_image(trainer, "samples", grid, step, caption=" | ".join(rows))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:

@@ -153,7 +153,10 @@ class TransformerTextEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------- class / unconditional
-LABELLED_DATASETS = ("fashion_mnist",)  # the datasets of ldm.data whose samples carry a class label
+# how ldm's datasets give class labels
+LABELLED_DATASETS = ("data=fashion_mnist", "data=folder data.dataset.labels=subfolder (one folder per class)",
+                     "data=webdataset with <key>.cls members or a json label",
+                     "data=shapes data.dataset.labels=shape data.dataset.max_shapes=1")
 
 
 def no_labels_error(fields: Sequence[str] | None = None) -> ValueError:
@@ -161,7 +164,7 @@ def no_labels_error(fields: Sequence[str] | None = None) -> ValueError:
     found = f" (its samples have {sorted(fields)})" if fields is not None else ""
     return ValueError(
         f"text_encoder=class conditions on class labels, but the data has no class labels{found}. Labels come "
-        f"from datasets that carry them ({', '.join(f'data={d}' for d in LABELLED_DATASETS)} today; a latent "
+        f"from datasets that carry them ({'; '.join(LABELLED_DATASETS)}; a latent "
         "cache keeps them when it was built from such data). For captioned data use another text_encoder "
         "(transformer, minilm, hf) or none for an unconditional model; for class conditioning use labelled data "
         "(e.g. data=fashion_mnist text_encoder=class text_encoder.num_classes=10).")
