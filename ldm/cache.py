@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 import ldm
-from ldm.checkpoint import build_autoencoder, measure_latent_stats
+from ldm.checkpoint import PIXEL_SPACE, build_autoencoder, measure_latent_stats, source_missing
 from ldm.cli import check_arguments, user_errors
 from ldm.config_checks import check_labels
 from ldm.data.common import check_resolution
@@ -88,7 +88,7 @@ def read_stage1_checkpoint(ckpt: str | os.PathLike | Mapping[str, Any], preset: 
 
     where = "the given checkpoint" if isinstance(ckpt, Mapping) else str(ckpt)
     if not isinstance(ckpt, Mapping):
-        if not Path(ckpt).exists():
+        if source_missing(ckpt):
             raise FileNotFoundError(f"{ckpt} does not exist; give a stage-1 checkpoint, e.g. "
                                     "outputs/autoencoder/<run>/checkpoints/last.ckpt (written by python train.py), "
                                     "or a pretrained autoencoder (SD / CompVis file, diffusers folder)")
@@ -127,7 +127,7 @@ def with_latent_stats(ckpt: dict[str, Any], data_module: Any, n_images: int = 20
     if recorded:
         stats.update(recorded)
         stats["recorded"] = f"{sorted(recorded)} from {where} ({ckpt['ldm'].get('source', {}).get('path')})"
-    elif "source" in ckpt["ldm"]:
+    elif ckpt["ldm"].get("source", {}).get("path") not in (None, PIXEL_SPACE):
         log.warning("the imported autoencoder records no latent scale: scale and shift are measured on the data. A "
                     "pretrained U-Net expects the scale it was trained with: set autoencoder_latent_scale (e.g. "
                     "Stable Diffusion's scaling_factor) when you fine-tune one")
@@ -377,7 +377,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if source is None:
         raise ValueError("no autoencoder: pass autoencoder.pretrained=<stage-1 checkpoint, e.g. outputs/autoencoder/"
                          "<run>/checkpoints/last.ckpt, or a pretrained autoencoder>")
-    if not Path(source).exists():
+    if source_missing(source):
         raise FileNotFoundError(f"autoencoder.pretrained={source} does not exist")
     if cfg.resolution is not None:
         check_resolution(cfg.resolution)  # before reading the checkpoint

@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import IterableDataset
 
+from ldm.checkpoint import source_missing
 from ldm.export import pretrained_source
 from ldm.losses.lpips import lpips_min_input_size
 from ldm.models.discriminator import patchgan_min_input_size
@@ -61,7 +62,7 @@ def _ldm_problems(cfg: DictConfig) -> list[str]:
         if source is None and key == "autoencoder.pretrained":
             problems.append("stage=ldm needs the stage-1 checkpoint: autoencoder.pretrained=outputs/autoencoder/<run>/"
                             "checkpoints/last.ckpt (train one with `python train.py`), or a pretrained autoencoder")
-        elif source is not None and not Path(source).exists():
+        elif source is not None and source_missing(source):
             problems.append(f"{key}={source} does not exist")
     if cfg.latent_norm not in ("scale", "channel"):
         problems.append(f"latent_norm={cfg.latent_norm!r}: use scale or channel")

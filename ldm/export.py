@@ -55,6 +55,7 @@ from ldm.cli import check_arguments, user_errors
 from ldm.diffusion.schedules import make_betas
 from ldm.interop.configs import (
     DIFFUSERS_VERSION,
+    KL_TARGET,
     VQ_TARGET,
     attention_levels,
     unet_diffusers_config,
@@ -267,10 +268,10 @@ def export_diffusers(state: dict[str, Tensor], meta: dict[str, Any], out: Path) 
     + ``ldm_text_encoder.safetensors``, a trained text encoder) let ldm rebuild the exact model. The folder is
     written under a temporary name and renamed: it is never left half-written."""
     out = Path(out)
-    if _ae_spec(meta).get("_target_") == VQ_TARGET:
-        raise ValueError("format=diffusers writes an AutoencoderKL (and a StableDiffusionPipeline), which a VQ "
-                         "autoencoder is not: export it with format=safetensors or format=compvis (the released "
-                         "VQ models' layout), which ldm reads back")
+    if (target := _ae_spec(meta).get("_target_")) != KL_TARGET:
+        kind = "a VQ autoencoder" if target == VQ_TARGET else "the identity first stage (pixel space)"
+        raise ValueError(f"format=diffusers writes an AutoencoderKL (and a StableDiffusionPipeline), which {kind} is "
+                         "not: export it with format=safetensors or format=compvis, which ldm reads back")
     if out.exists() and not (out / EXPORT_META).is_file():
         raise ValueError(f"out={out} exists and is not an earlier ldm export (no {EXPORT_META}): choose a new folder "
                          "(an export replaces its folder as a whole)")

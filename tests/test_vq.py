@@ -222,3 +222,29 @@ def test_vq_round_trip_through_train_cache_stage2_and_sample(tmp_path):
                      f"out_dir={tmp_path}/samples", "device=cpu")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list((tmp_path / "samples").rglob("*.png"))) >= 2
+
+
+def test_pixel_space_is_the_identity_first_stage(tmp_path):
+    """autoencoder.pretrained=identity: stage 2 diffuses pixels (f = 1, the paper's LDM-1); the cache holds the
+    images themselves with statistics measured on them, and the checkpoint samples images of the data's size."""
+    from test_train_stage2 import TINY_LDM
+
+    from ldm.checkpoint import build_latent_diffusion
+    from ldm.models.autoencoder import IdentityFirstStage
+
+    stage = IdentityFirstStage()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert stage.downsample_factor == 1 and not stage.state_dict() and torch.equal(stage.decode(stage.encode(x).mode()), x)
+    run = tmp_path / "ldm"
+    cfg = compose_train(TINY_LDM + ["autoencoder.pretrained=identity", f"cache_dir={run}/cache", "resolution=16",
+                                    "unet.in_channels=3", "unet.out_channels=3", "trainer.max_steps=2"], output_dir=run)
+    train.check_config(cfg)
+    train.train(cfg)
+    manifest = json.loads((run / "cache" / "manifest.json").read_text())
+    assert manifest["latent_shape"] == [3, 16, 16] and manifest["latent_stats"]["n_images"] > 0
+    model = build_latent_diffusion(run / "checkpoints" / "last.ckpt")
+    assert isinstance(model.autoencoder, IdentityFirstStage)
+    from ldm.export import export
+
+    with pytest.raises(ValueError, match="identity first stage"):
+        export(run / "checkpoints" / "last.ckpt", "diffusers", tmp_path / "x")

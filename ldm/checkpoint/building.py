@@ -66,10 +66,14 @@ def build_autoencoder(ckpt: Source, what: str = "the autoencoder") -> tuple[nn.M
     spec = meta["config"].get("autoencoder") if stage1 else (meta.get("autoencoder") or {}).get("config")
     # EMA weights when the run kept them (they are what validation measured), else the raw weights
     weights = (stage1 and submodule_state(state, "autoencoder_ema")) or submodule_state(state, "autoencoder")
-    if spec is None or not weights:
+    if spec is None:
         raise ValueError(f"{origin} holds no autoencoder")
-    key = "config.autoencoder" if stage1 else "autoencoder.config"
-    return strict_load(instantiate(spec, key=key, origin=origin), weights, what).eval(), meta.get("latent_stats")
+    model = instantiate(spec, key="config.autoencoder" if stage1 else "autoencoder.config", origin=origin)
+    if not weights and model.state_dict():  # only the identity first stage has nothing to load
+        raise ValueError(f"{origin} holds no autoencoder" if stage1 else
+                         "this stage-2 checkpoint holds no autoencoder weights (keys 'autoencoder.*'); it was "
+                         "written by another tool or edited. Re-export it from the training run's last.ckpt")
+    return strict_load(model, weights, what).eval(), meta.get("latent_stats")
 
 
 def build_unet(ckpt: Source, use_ema: bool = True, what: str = "the U-Net") -> nn.Module:
@@ -132,9 +136,6 @@ def build_latent_diffusion(ckpt: Source, use_ema: bool = True) -> LatentDiffusio
         raise ValueError(f"the frozen text encoder built here, {text_encoder.identity()}, is not the one this "
                          f"model was trained with, {meta.get('text_encoder')}; install the same weights")
 
-    if not submodule_state(state, "autoencoder"):
-        raise ValueError("this stage-2 checkpoint holds no autoencoder weights (keys 'autoencoder.*'); it was "
-                         "written by another tool or edited. Re-export it from the training run's last.ckpt")
     autoencoder, _ = build_autoencoder(ckpt)
 
     loss = instantiate(config["loss"], key="config.loss", origin=origin)

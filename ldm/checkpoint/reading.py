@@ -9,6 +9,8 @@ Sources (a path to a file or a folder):
   checkpoints (``encoder.*`` / ``decoder.*``) and U-Net state dicts (``input_blocks.*``), and diffusers
   ``AutoencoderKL`` / ``UNet2DConditionModel`` folders or pipeline folders (``vae/``, ``unet/``).
 
+The source ``identity`` (``PIXEL_SPACE``) is no file: it reads as the identity first stage (stage 2 in pixel space).
+
 ``read_checkpoint`` returns ``{"state_dict": {"autoencoder.*" | "unet.*" | "text_encoder.*": tensor}, "ldm": meta}``
 with meta as ``train.py`` writes it, so ``build_autoencoder`` / ``build_unet`` / ``build_latent_diffusion`` rebuild
 the models from it. Foreign autoencoders come without latent statistics (``meta["latent_stats"] is None``); the
@@ -44,8 +46,14 @@ COMPVIS_AE, COMPVIS_UNET, COMPVIS_COND = "first_stage_model", "model.diffusion_m
 EXPORT_META = "ldm.json"  # beside the weights of our diffusers exports; x.json beside x.safetensors
 EXPORT_KEY = "ldm_export"  # metadata entry of our CompVis-style single files
 EXPORT_FORMAT = "ldm-export"
+PIXEL_SPACE = "identity"  # the source name of the identity first stage (stage 2 in pixel space, f = 1)
 _AE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
 _UNET_ROOTS = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.", "output_blocks.", "out.")
+
+
+def source_missing(source: str | os.PathLike) -> bool:
+    """Whether a checkpoint source names nothing: no such path (``PIXEL_SPACE`` needs none)."""
+    return str(source) != PIXEL_SPACE and not Path(source).exists()
 
 
 def submodule_state(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -83,6 +91,9 @@ def read_checkpoint(source: str | os.PathLike, *, autoencoder_spec: dict | None 
     """
     for name, spec in (("autoencoder_spec", autoencoder_spec), ("unet_spec", unet_spec)):
         check_spec(spec, key=name, origin="the architecture given for this source")
+    if str(source) == PIXEL_SPACE:  # no file: its statistics are measured on the data, like an import's
+        return _stage1({}, {"_target_": "ldm.models.autoencoder.IdentityFirstStage", "in_channels": 3}, PIXEL_SPACE,
+                       PIXEL_SPACE)
     path = Path(source)
     if path.is_dir():
         return _read_folder(path)

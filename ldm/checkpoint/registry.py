@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from ldm.losses.diffusion import DiffusionLoss
-from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.autoencoder import AutoencoderKL, IdentityFirstStage
 from ldm.models.hf_text import HFTextEncoder, MiniLMEncoder
 from ldm.models.text_encoders import ClassEncoder, NullEncoder, TransformerTextEncoder
 from ldm.models.unet import UNetModel
@@ -26,6 +26,7 @@ TORCH_TARGETS: dict[str, Callable[..., Any]] = {}
 
 REGISTRY: dict[str, Callable[..., Any]] = {
     "ldm.models.autoencoder.AutoencoderKL": AutoencoderKL,
+    "ldm.models.autoencoder.IdentityFirstStage": IdentityFirstStage,
     "ldm.models.vq.VQModel": VQModel,
     "ldm.models.unet.UNetModel": UNetModel,
     "ldm.models.text_encoders.TransformerTextEncoder": TransformerTextEncoder,

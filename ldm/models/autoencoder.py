@@ -1,5 +1,5 @@
-"""The first stages of LDM (Rombach et al. 2022, Sec. 3.1, App. G): the KL-regularised autoencoder, and what every
-first stage shares (``FirstStage``: image checks, downsample factor, the decoder's last layer for the adaptive GAN
+"""The first stages of LDM (Rombach et al. 2022, Sec. 3.1, App. G): the KL-regularised autoencoder, the identity
+(pixel space, the paper's LDM-1), and what every first stage shares (``FirstStage``: image checks, downsample factor, the decoder's last layer for the adaptive GAN
 weight). The VQ-regularised one is in ``ldm.models.vq``; both build their encoder and decoder from
 ``ldm.models.convnet``.
 
@@ -125,3 +125,29 @@ class AutoencoderKL(FirstStage):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
+
+
+class IdentityFirstStage(FirstStage):
+    """Pixel space as a first stage (f = 1, the paper's LDM-1 in Fig. 6): ``encode`` gives the image itself as a
+    point-mass posterior and ``decode`` returns its input. No parameters; stage 2 then diffuses pixels."""
+
+    def __init__(self, in_channels: int = 3) -> None:
+        super().__init__()
+        self.layout = Layout(ch=32, ch_mult=(1,))  # f = 1; the widths are unused
+        self.in_channels = self.embed_dim = int(in_channels)
+
+    def encode(self, x: Tensor) -> DiagonalGaussianDistribution:
+        self._check_image(x)
+        return DiagonalGaussianDistribution.point_mass(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        self._check_latent(z)
+        return z
+
+    def forward(self, x: Tensor, sample_posterior: bool = True,
+                generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussianDistribution]:
+        return x, self.encode(x)
+
+    def get_last_layer(self) -> Tensor:
+        raise ValueError("the identity first stage has no decoder to train: use it for stage 2 only "
+                         "(autoencoder.pretrained=identity)")
