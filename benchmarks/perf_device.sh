@@ -7,6 +7,8 @@
 # JOBs:
 #   gpu_tests          pytest -m gpu on the guard, fast-path and stage-2 mixed-precision tests
 #   stage1_eager|stage1_compiled   train.py experiment=paper/kl_f8 at 256², batch 16, full loss (GAN from step 0)
+#   stage1_vq_f8       train.py experiment=paper/vq_f8 on `shapes` at 256² as the recipe says (batch 10, GAN from
+#                      step 1), STEPS_VQ steps, validation every half: losses, codebook usage, perplexity, PSNR
 #   small_eager_old|small_eager_new|small_compiled_new|sd15_eager_old|sd15_eager_new|sd15_compiled_new
 #                      benchmarks/train_vs_loop.py (loop and train.py alternating, --repeats), old = $BASE
 set -uo pipefail
@@ -36,6 +38,13 @@ for job in "$@"; do
         callbacks.throughput.warmup=30 module.compile=$c trainer.enable_progress_bar=false \
         hydra.run.dir=/tmp/s1/$job > $OUT/$job.log 2>&1
       cp /tmp/s1/$job/perf.json $OUT/$job.perf.json 2>/dev/null;;
+    stage1_vq_f8) timeout $(( left - 5 )) python3 train.py run_name=$job experiment=paper/vq_f8 data=shapes \
+        trainer=gpu data.num_workers=14 trainer.max_steps=${STEPS_VQ:-300} trainer.limit_val_batches=8 \
+        trainer.val_check_interval=$(( ${STEPS_VQ:-300} / 2 )) latent_stats_images=64 callbacks.throughput.warmup=30 \
+        trainer.enable_progress_bar=false hydra.run.dir=/tmp/s1/$job > $OUT/$job.log 2>&1
+      cp /tmp/s1/$job/perf.json $OUT/$job.perf.json 2>/dev/null
+      cp /tmp/s1/$job/csv/*/metrics.csv $OUT/$job.metrics.csv 2>/dev/null
+      cp /tmp/s1/$job/images/*.png $OUT/ 2>/dev/null;;
     small_eager_*) a="--preset small --modes eager --variants all_fixes --steps 40 --repeats 2";;
     small_compiled_*) a="--preset small --modes compiled --compiled-variants all_fixes --steps 40 --repeats 2";;
     sd15_eager_*) a="--preset sd15 --modes eager --variants all_fixes --steps 15 --repeats ${REPEATS:-2}";;

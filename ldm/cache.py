@@ -17,7 +17,6 @@ Every split is cached in its canonical view: datasets that take ``crop``/``flip`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,8 +32,7 @@ import hydra
 import numpy as np
 import torch
 import torch.distributed as dist
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
@@ -42,7 +40,6 @@ from tqdm import tqdm
 import ldm
 from ldm.checkpoint import PIXEL_SPACE, build_autoencoder, measure_latent_stats, source_missing
 from ldm.cli import check_arguments, user_errors
-from ldm.config_checks import check_labels
 from ldm.data.common import check_resolution
 from ldm.data.datamodules import canonical_dataset
 from ldm.data.latent_format import (
@@ -397,35 +394,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         precision=cfg.precision, channels_last=cfg.channels_last, max_images=cfg.max_images,
         overwrite=cfg.overwrite, progress=cfg.progress, ckpt_path=source,
     )
-
-
-# ------------------------------------------------------------------------------------------- train.py
-
-def default_cache_dir(cfg: DictConfig, identity: str) -> Path:
-    """``<paths.latent_cache_root>/<dataset>-<res>px-<autoencoder sha[:12]>-<data config sha[:8]>``: a new
-    autoencoder, resolution or data setting gets its own cache, and the same ones reuse it."""
-    dataset = OmegaConf.to_container(cfg.data, resolve=True).get("dataset", {})  # what decides the images
-    name = str(dataset.get("_target_", "data")).rsplit(".", 1)[-1].lower().removesuffix("dataset")
-    data_sha = hashlib.sha256(json.dumps(dataset, sort_keys=True).encode()).hexdigest()[:8]
-    return Path(cfg.paths.latent_cache_root) / f"{name or 'data'}-{cfg.resolution}px-{identity[:12]}-{data_sha}"
-
-
-def ensure_cache(cfg: Any, ae_ckpt: dict[str, Any], ae_source: str, identity: str, text_encoder: Any) -> Path:
-    """The latent cache train.py stage=ldm trains on: ``cache_dir``, or the default folder of this autoencoder,
-    resolution and data (``default_cache_dir``); built here when it holds no manifest yet."""
-    cache_dir = Path(cfg.cache_dir or default_cache_dir(cfg, identity))
-    if not (cache_dir / "manifest.json").is_file():
-        data = instantiate(cfg.data)
-        check_labels(cfg, text_encoder, data.dataset("train"), "the training images")
-        log.info("no latent cache in %s: building it now (python -m ldm.cache does this on its own)", cache_dir)
-        # its random draws must not shift the model's initialisation: same seed, same run, cache built or not
-        with torch.random.fork_rng():
-            ae_ckpt = read_stage1_checkpoint(ae_ckpt)  # checks that a checkpoint of ours holds its statistics
-            device = resolve_device("cpu" if str(cfg.trainer.accelerator) == "cpu" else "auto")
-            ae_ckpt = with_latent_stats(ae_ckpt, data, int(cfg.latent_stats_images), device, int(cfg.seed),
-                                        cfg.autoencoder_latent_scale)
-            build_cache(ae_ckpt, data, cache_dir, ckpt_path=ae_source, **cfg.cache)
-    return cache_dir
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="cache")

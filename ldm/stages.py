@@ -2,12 +2,15 @@
 
 - ``build_autoencoder_stage``: stage 1 (autoencoder, loss with LPIPS and PatchGAN, image data).
 - ``build_ldm_stage``: stage 2 (the frozen autoencoder, ours or pretrained; the latent cache, built when missing
-  by ``ldm.cache.ensure_cache``; the U-Net, optionally from pretrained weights; the condition encoder).
+  by ``ensure_cache`` in ``default_cache_dir``; the U-Net, optionally from pretrained weights; the condition
+  encoder).
 - ``write_latent_stats``: after stage 1, the latent statistics stage 2 needs, in ``last.ckpt`` and the best one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,12 +19,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.cache import ensure_cache
+from ldm.cache import build_cache, read_stage1_checkpoint, with_latent_stats
 from ldm.checkpoint import add_latent_stats, architecture, build_autoencoder, strict_load
 from ldm.config_checks import check_classes, check_labels
 from ldm.data.latent_format import autoencoder_identity, check_cache_compatible, read_manifest
 from ldm.export import load_unet, pretrained_source, read_any
 from ldm.models.latent_stats import channel_spread_problem
+from ldm.runtime import resolve_device
 
 log = logging.getLogger("ldm.train")
 
@@ -41,6 +45,35 @@ def build_autoencoder_stage(cfg: DictConfig, config: dict):
     # partial first: the stored run config holds `_target_`s that Hydra must not build
     module = instantiate(cfg.module, _partial_=True)(autoencoder=autoencoder, loss=loss, run_config=config)
     return module, data
+
+
+def default_cache_dir(cfg: DictConfig, identity: str) -> Path:
+    """``<paths.latent_cache_root>/<dataset>-<res>px-<autoencoder sha[:12]>-<data config sha[:8]>``: a new
+    autoencoder, resolution or data setting gets its own cache, and the same ones reuse it."""
+    dataset = OmegaConf.to_container(cfg.data, resolve=True).get("dataset", {})  # what decides the images
+    name = str(dataset.get("_target_", "data")).rsplit(".", 1)[-1].lower().removesuffix("dataset")
+    data_sha = hashlib.sha256(json.dumps(dataset, sort_keys=True).encode()).hexdigest()[:8]
+    return Path(cfg.paths.latent_cache_root) / f"{name or 'data'}-{cfg.resolution}px-{identity[:12]}-{data_sha}"
+
+
+def ensure_cache(cfg: Any, ae_ckpt: dict[str, Any], ae_source: str, identity: str, text_encoder: Any) -> Path:
+    """The latent cache train.py stage=ldm trains on: ``cache_dir``, or the default folder of this autoencoder,
+    resolution and data (``default_cache_dir``); built here when it holds no manifest yet."""
+    cache_dir = Path(cfg.cache_dir or default_cache_dir(cfg, identity))
+    if not (cache_dir / "manifest.json").is_file():
+        data = instantiate(cfg.data)
+        check_labels(cfg, text_encoder, data.dataset("train"), "the training images")
+        log.info("no latent cache in %s: building it now (python -m ldm.cache does this on its own)", cache_dir)
+        # its random draws must not shift the model's initialisation: same seed, same run, cache built or not
+        with torch.random.fork_rng():
+            ae_ckpt = read_stage1_checkpoint(ae_ckpt)  # checks that a checkpoint of ours holds its statistics
+            device = resolve_device("cpu" if str(cfg.trainer.accelerator) == "cpu" else "auto")
+            ae_ckpt = with_latent_stats(ae_ckpt, data, int(cfg.latent_stats_images), device, int(cfg.seed),
+                                        cfg.autoencoder_latent_scale)
+            build_cache(ae_ckpt, data, cache_dir, ckpt_path=ae_source, **cfg.cache)
+    return cache_dir
+
+
 
 
 def build_ldm_stage(cfg: DictConfig, config: dict):

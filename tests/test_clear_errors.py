@@ -22,7 +22,8 @@ from ldm.data.emoji import EmojiDataset
 from ldm.data.fashion_mnist import FashionMNISTDataset
 from ldm.data.images import ImageFolderDataset
 from ldm.data.shapes import ShapesDataset
-from ldm.data.shards import WebDatasetImages, write_shards
+from ldm.data.shard_writer import write_shards
+from ldm.data.shards import WebDatasetImages
 from ldm.models.text_encoders import ClassEncoder
 from ldm.pipeline import training_condition
 

@@ -25,7 +25,7 @@ from PIL import Image
 import evaluate
 from ldm.checkpoint import build_autoencoder
 from ldm.data.shapes import ShapesDataset
-from ldm.data.shards import write_shards
+from ldm.data.shard_writer import write_shards
 from ldm.losses.lpips import build_lpips
 from ldm.metrics.features import build_extractor
 from ldm.metrics.fid import FeatureStats, StatsAccumulator, fid_from_stats

@@ -214,7 +214,7 @@ def test_exported_pipeline_samples_what_ldm_samples(stage1_ckpt, tmp_path):
     the latent shift folded into the exported VAE, the tokenizer padding to ldm's length)."""
     from diffusers import DiffusionPipeline
     from stage2_fixtures import make_stage2_checkpoint
-    from test_text_encoders import _tiny_clip
+    from test_text_pretrained import _tiny_clip
 
     _tiny_clip(tmp_path / "clip")
     ckpt = make_stage2_checkpoint(tmp_path / "s2.ckpt", stage1_ckpt, overrides=[

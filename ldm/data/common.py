@@ -242,3 +242,51 @@ class BadDataCounter:
 
     def __repr__(self) -> str:
         return f"BadDataCounter(good={self.good}, bad={self.bad}, max_bad_fraction={self.max_bad_fraction})"
+
+
+def check_index(index: int, n: int, dataset: str) -> int:
+    """``index`` of a map-style dataset of length ``n`` in [0, n) (negative counts from the end), else an
+    IndexError naming ``dataset``."""
+    position = index + n if index < 0 else index
+    if not 0 <= position < n:
+        raise IndexError(f"index {index} out of range for {dataset} of length {n}")
+    return position
+
+
+class SkipBadFiles:
+    """The reading rule of every map-style dataset whose files may be broken (folders, emoji): item ``index``, or
+    when it fails to load the next item that loads (walking forward, wrapping around).
+
+    Each failure counts toward ``max_bad_fraction`` (``bad``, a ``BadDataCounter``) and into the returned
+    sample's ``n_bad``, once per pass in index order: a bad file a walk from its bad neighbour counted is not
+    counted again when its own index is read next (two adjacent bad files are 2 in ``n_bad``, not 3). A file
+    that failed is not decoded again in this process.
+    """
+
+    def __init__(self, source: str, max_bad_fraction: float = 0.05) -> None:
+        self.bad = BadDataCounter(source, max_bad_fraction)
+        self._known_bad: dict[str, str] = {}  # name -> why it failed
+        self._counted_ahead: set[str] = set()  # bad files a walk counted before their own index was read
+
+    def read(self, index: int, names: Sequence[str], load: Any, what: str) -> tuple[str, Any, int]:
+        """``(name, load(name), n_bad)`` of the first of ``names[index:] + names[:index]`` that ``load`` reads;
+        a RuntimeError when none does or too many failed (``what``: the items, for the message)."""
+        n = len(names)
+        for step in range(n):
+            name = names[(index + step) % n]
+            error = self._known_bad.get(name)
+            if error is None:
+                try:
+                    value = load(name)
+                except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+                    error = self._known_bad[name] = f"{type(exc).__name__}: {exc}"
+                else:
+                    return name, value, self.bad.ok()
+            if step == 0 and name in self._counted_ahead:
+                self._counted_ahead.discard(name)
+            elif step == 0 or name not in self._counted_ahead:
+                if step:
+                    self._counted_ahead.add(name)
+                self.bad.failed(name, error)
+        self.bad.raise_error(f"all {n} {what} failed to load")
+        raise AssertionError("unreachable")

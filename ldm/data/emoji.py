@@ -15,15 +15,15 @@ import json
 import os
 from pathlib import Path
 
-from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.data.common import (
-    BadDataCounter,
     ImageTransform,
+    SkipBadFiles,
     article,
     check_choice,
     check_fraction,
+    check_index,
     check_resolution,
     make_sample,
     open_image,
@@ -130,28 +130,22 @@ class EmojiDataset(Dataset):
         if not items:
             raise ValueError(f"EmojiDataset split {split!r} is empty (val_fraction={val_fraction})")
         self.items = items
-        self.bad = BadDataCounter(f"EmojiDataset({str(self.package)!r})", max_bad_fraction)
+        self._files = [it["file"] for it in items]
+        self._position = {f: i for i, f in enumerate(self._files)}
+        self.reader = SkipBadFiles(f"EmojiDataset({str(self.package)!r})", max_bad_fraction)
+        self.bad = self.reader.bad
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        n = len(self.items)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for EmojiDataset of length {n}")
-        for step in range(n):
-            item = self.items[(index + step) % n]
-            try:
-                img: Image.Image = open_image(str(self.package / "img" / self.vendor / "64" / item["file"]))
-                image = self.transform(img)
-            except Exception as exc:
-                self.bad.failed(item["file"], exc)
-                continue
-            return make_sample(image, item["caption"], item["attributes"], item["file"], self.bad.ok())
-        self.bad.raise_error(f"all {n} emoji images failed to load")
-        raise AssertionError("unreachable")
+        index = check_index(index, len(self.items), "EmojiDataset")
+        name, image, n_bad = self.reader.read(index, self._files, self._load, "emoji images")
+        item = self.items[self._position[name]]
+        return make_sample(image, item["caption"], item["attributes"], name, n_bad)
+
+    def _load(self, name: str):
+        return self.transform(open_image(str(self.package / "img" / self.vendor / "64" / name)))
 
     def __repr__(self) -> str:
         return (f"EmojiDataset(vendor={self.vendor!r}, split={self.split!r}, items={len(self.items)}, "

@@ -9,7 +9,6 @@ Splits: train = the first 55,000 training images, val = the last 5,000, test = t
 from __future__ import annotations
 
 import gzip
-import json
 import os
 from pathlib import Path
 
@@ -18,7 +17,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ldm.data.common import article, check_choice, check_resolution, make_sample, pil_to_tensor
+from ldm.data.common import (
+    article,
+    check_choice,
+    check_index,
+    check_resolution,
+    make_sample,
+    pil_to_tensor,
+    with_label,
+)
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -107,18 +114,14 @@ class FashionMNISTDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
-        n = len(self.labels)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for FashionMNISTDataset of length {n}")
+        index = check_index(index, len(self.labels), "FashionMNISTDataset")
         img = Image.fromarray(self.images[index], mode="L")
         if img.size != (self.resolution, self.resolution):
             img = img.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
         if self.flip and bool(torch.rand(()) < 0.5):  # torch RNG: seeded per DataLoader worker
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         label = int(self.labels[index])
-        attributes = json.dumps({"label": label, "class_name": CLASS_NAMES[label]}, sort_keys=True)
+        attributes = with_label(None, label, CLASS_NAMES[label])
         return make_sample(pil_to_tensor(img.convert("RGB")), CAPTIONS[label], attributes,
                            f"fashion_mnist/{self.split}/{index + self.offset:05d}")
 

@@ -26,10 +26,11 @@ from torch.utils.data import Dataset
 
 from ldm.data.common import (
     IMAGE_EXTENSIONS,
-    BadDataCounter,
     ImageTransform,
+    SkipBadFiles,
     check_choice,
     check_fraction,
+    check_index,
     make_sample,
     open_image,
     unit_hash,
@@ -170,45 +171,23 @@ class ImageFolderDataset(Dataset):
         if self.n_missing_captions:
             log.info("%s: %d of %d images have no caption (using '')", self.root, self.n_missing_captions,
                      len(self.files))
-        self.bad = BadDataCounter(f"ImageFolderDataset({str(self.root)!r})", max_bad_fraction)
-        self._known_bad: dict[str, str] = {}  # file -> why it failed (in this process; not decoded again)
-        self._counted_ahead: set[str] = set()  # bad files a walk counted before their own index was read
+        self.reader = SkipBadFiles(f"ImageFolderDataset({str(self.root)!r})", max_bad_fraction)
+        self.bad = self.reader.bad
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict:
-        n = len(self.files)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for ImageFolderDataset of length {n}")
-        # Walk forward from `index` until an image decodes; each failure counts toward max_bad_fraction, once per
-        # pass in index order: a bad file that a walk from a bad neighbour counted is not counted again when its
-        # own index is read next (two adjacent bad files are 2 in n_bad, not 3).
-        for step in range(n):
-            name = self.files[(index + step) % n]
-            error = self._known_bad.get(name)
-            if error is None:
-                try:
-                    image = self.transform(open_image(str(self.root / name), self.transform.resolution))
-                except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-                    error = self._known_bad[name] = f"{type(exc).__name__}: {exc}"
-                else:
-                    n_bad = self.bad.ok()
-                    attributes = self._attributes.get(name)
-                    if self.classes is not None:
-                        cls = name.split("/", 1)[0]
-                        attributes = with_label(attributes, self.classes.index(cls), cls)
-                    return make_sample(image, self._captions.get(name, ""), attributes, name, n_bad)
-            if step == 0 and name in self._counted_ahead:
-                self._counted_ahead.discard(name)
-            elif step == 0 or name not in self._counted_ahead:
-                if step:
-                    self._counted_ahead.add(name)
-                self.bad.failed(name, error)
-        self.bad.raise_error(f"all {n} images of the {self.split!r} split failed to load")
-        raise AssertionError("unreachable")
+        index = check_index(index, len(self.files), "ImageFolderDataset")
+        name, image, n_bad = self.reader.read(index, self.files, self._load, f"images of the {self.split!r} split")
+        attributes = self._attributes.get(name)
+        if self.classes is not None:
+            cls = name.split("/", 1)[0]
+            attributes = with_label(attributes, self.classes.index(cls), cls)
+        return make_sample(image, self._captions.get(name, ""), attributes, name, n_bad)
+
+    def _load(self, name: str):
+        return self.transform(open_image(str(self.root / name), self.transform.resolution))
 
     def __repr__(self) -> str:
         return (f"ImageFolderDataset(root={str(self.root)!r}, split={self.split!r}, files={len(self.files)}, "

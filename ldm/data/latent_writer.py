@@ -31,7 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm.atomic import atomic_write_text
 from ldm.data.latent_format import MANIFEST_NAME, encode_array
-from ldm.data.shards import AtomicFiles
+from ldm.data.shard_writer import AtomicFiles
 
 # --------------------------------------------------------------------------------------------- work units
 
@@ -142,7 +142,7 @@ class UnitStream(IterableDataset):
 # ------------------------------------------------------------------------------------------- writing
 
 class ShardWriter:
-    """One output tar, written to a temporary name and renamed on ``finish`` (``ldm.data.shards``' helper)."""
+    """One output tar, written to a temporary name and renamed on ``finish`` (``ldm.data.shard_writer``' helper)."""
 
     def __init__(self, path: Path, index: int) -> None:
         self.path, self.index = path, index

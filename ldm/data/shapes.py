@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from ldm.data.common import (
     article,
     check_choice,
+    check_index,
     check_resolution,
     make_sample,
     pil_to_tensor,
@@ -241,10 +242,7 @@ class ShapesDataset(Dataset):
         raise RuntimeError(f"could not draw a {self.split!r} scene in {_MAX_DRAWS} tries")  # p ~ 0.9**10000
 
     def __getitem__(self, index: int) -> dict:
-        if index < 0:
-            index += self.length
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for ShapesDataset of length {self.length}")
+        index = check_index(index, self.length, "ShapesDataset")
         scene = self.scene(index)
         image = pil_to_tensor(render_scene(scene, self.resolution))
         attributes = json.dumps(scene_attributes(scene), sort_keys=True)

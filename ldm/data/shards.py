@@ -1,9 +1,11 @@
-"""WebDataset shards: a streaming reader (``WebDatasetImages``), a writer (``write_shards``) and a CLI.
+"""WebDataset shards: a streaming reader (``WebDatasetImages``) and the command that writes a dataset to shards
+(``python -m ldm.data.shards``, with ``ldm.data.shard_writer.write_shards``).
 
 A shard is a tar file whose members are grouped by key: ``<key>.png|jpg|jpeg|webp`` (the image),
 ``<key>.txt`` (the caption), ``<key>.json`` (attributes; its "caption" field is used when there is no
 .txt; a "label" field is the sample's class) and ``<key>.cls`` (the class label as decimal text, webdataset's
-convention: it becomes the attributes' "label"). Shards are split across ranks first and then across DataLoader workers (as webdataset's
+convention: it becomes the attributes' "label"). Shards are split across ranks first and then across DataLoader
+workers (as webdataset's
 ``split_by_node`` / ``split_by_worker``: rank r reads shards r, r + W, r + 2W, ... where W is the world size,
 taken from RANK/WORLD_SIZE or from torch.distributed once it is initialised, else from where the dataset was
 built, so that "spawn"-started workers split correctly too). Write at least
@@ -26,10 +28,7 @@ import random
 import re
 from collections.abc import Iterable, Iterator, Sequence
 
-import numpy as np
 import webdataset as wds
-from PIL import Image
-from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from ldm.data.common import (
@@ -40,9 +39,9 @@ from ldm.data.common import (
     make_sample,
     open_image,
     stable_hash,
-    tensor_to_uint8,
     with_label,
 )
+from ldm.data.shard_writer import IMAGE_FORMATS, write_shards
 from ldm.data.tarcheck import scan_tar_cached
 
 log = logging.getLogger(__name__)
@@ -275,106 +274,6 @@ class WebDatasetImages(IterableDataset):
                 f"epoch_size={self.epoch_size}, shuffle_buffer={self.shuffle_buffer}, {self.transform})")
 
 
-# ----------------------------------------------------------------------------------------------- writing
-
-_PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
-
-
-def encode_image(image: Tensor | np.ndarray | Image.Image, image_format: str = "png", quality: int = 95) -> bytes:
-    """Encode a tensor [3, H, W] in [-1, 1], a uint8 array [H, W, 3] or a PIL image as png/jpg/webp bytes."""
-    fmt = _PIL_FORMATS[check_choice("image_format", image_format, tuple(_PIL_FORMATS))]
-    if isinstance(image, Tensor):
-        image = tensor_to_uint8(image)
-    pil = Image.fromarray(image) if isinstance(image, np.ndarray) else image.convert("RGB")
-    buf = io.BytesIO()
-    options = {"compress_level": 6} if fmt == "PNG" else {"quality": quality}
-    pil.save(buf, format=fmt, **options)
-    return buf.getvalue()
-
-
-class AtomicFiles:
-    """ShardWriter opener/post hooks: write ``<name>.tmp-<pid>``, rename to ``<name>`` once complete."""
-
-    def __init__(self) -> None:
-        self.open_files: dict[str, tuple[str, io.BufferedWriter]] = {}
-        self.done: list[str] = []
-
-    def open(self, fname: str) -> io.BufferedWriter:
-        os.makedirs(os.path.dirname(os.path.abspath(fname)), exist_ok=True)
-        tmp = f"{fname}.tmp-{os.getpid()}"
-        fh = open(tmp, "wb")  # noqa: SIM115 - closed in publish/abort
-        self.open_files[fname] = (tmp, fh)
-        return fh
-
-    def publish(self, fname: str) -> None:
-        tmp, fh = self.open_files.pop(fname)
-        fh.flush()
-        os.fsync(fh.fileno())
-        fh.close()
-        os.replace(tmp, fname)  # atomic on POSIX: readers never see a half-written shard
-        self.done.append(fname)
-
-    def abort(self) -> None:
-        for tmp, fh in self.open_files.values():
-            fh.close()
-            os.remove(tmp)
-        self.open_files.clear()
-
-
-def write_shards(samples: Iterable[dict], pattern: str, maxcount: int = 1000, image_format: str = "png",
-                 maxsize: float = 3e9) -> list[str]:
-    """Write samples ({"image", "caption", "attributes", "key"}) to tar shards named ``pattern % i``.
-
-    image -> ``<key>.<image_format>`` (png is lossless; tensors in [-1, 1] round-trip exactly), caption ->
-    ``<key>.txt``, attributes (JSON text or dict) -> ``<key>.json``. Keys are made tar-safe and unique. Each
-    shard is written under a temporary name and renamed when complete, so a crash leaves no partial shard.
-    Returns the shard paths written.
-    """
-    try:
-        if pattern % 0 == pattern % 1:
-            raise TypeError
-    except TypeError:
-        raise ValueError(f"pattern {pattern!r} needs one printf field for the shard number, "
-                         "e.g. data/shapes/shard-%06d.tar") from None
-    check_choice("image_format", image_format, tuple(_PIL_FORMATS))
-    if maxcount < 1:
-        raise ValueError(f"maxcount must be >= 1, got {maxcount}")
-    files = AtomicFiles()
-    writer = None
-    seen: set[str] = set()
-    try:
-        for i, sample in enumerate(samples):
-            if writer is None:
-                writer = wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0,
-                                         opener=files.open, post=files.publish, encoder=False, mtime=0.0)
-            # Dots split a webdataset key from its extension, so keep keys to [A-Za-z0-9_/-].
-            key = re.sub(r"[^A-Za-z0-9_/-]", "_", str(sample.get("key", ""))).strip("/")
-            if not key or key in seen:
-                key = f"{i:09d}"
-            seen.add(key)
-            attributes = sample.get("attributes") or "{}"
-            if not isinstance(attributes, str):
-                attributes = json.dumps(attributes, sort_keys=True)
-            writer.write({
-                "__key__": key,
-                image_format: encode_image(sample["image"], image_format),
-                "txt": str(sample.get("caption", "")).encode("utf-8"),
-                "json": attributes.encode("utf-8"),
-            })
-        if writer is None:
-            raise ValueError(f"no samples to write to {pattern!r}")
-        writer.close()
-    except BaseException:
-        if writer is not None and writer.tarstream is not None:
-            try:  # finish the tar stream into the temporary file so it does not flush later, then delete it
-                writer.tarstream.close()
-            except Exception:
-                pass
-        files.abort()
-        raise
-    return files.done
-
-
 # ------------------------------------------------------------------------------------------------- CLI
 
 def build_source(source: str, split: str, resolution: int, root: str | None, n: int | None, seed: int = 0):
@@ -412,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--out", required=True, help="shard name pattern, e.g. data/shapes/shard-%%06d.tar")
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
-    p.add_argument("--image-format", default="png", choices=sorted(_PIL_FORMATS))
+    p.add_argument("--image-format", default="png", choices=sorted(IMAGE_FORMATS))
     p.add_argument("--seed", type=int, default=0, help="shapes only: scene seed")
     args = p.parse_args(argv)
 

@@ -46,37 +46,32 @@ def q_sample(x0: Tensor, noise: Tensor, alpha_bar: Tensor) -> Tensor:
     return a * x0 + s * noise
 
 
+# (a, s, first, second) -> value, per objective: what the network regresses onto (first = x0, second = eps) and how
+# its output maps back to x0 and eps (first = x_t, second = the output); each is the affine map its docstring gives
+_TARGET = {"eps": lambda a, s, x0, eps: eps.to(a.dtype), "v": lambda a, s, x0, eps: a * eps - s * x0,
+           "x0": lambda a, s, x0, eps: x0.to(a.dtype)}
+_TO_X0 = {"eps": lambda a, s, x_t, out: (x_t - s * out) / a, "v": lambda a, s, x_t, out: a * x_t - s * out,
+          "x0": lambda a, s, x_t, out: out.to(a.dtype)}
+_TO_EPS = {"eps": lambda a, s, x_t, out: out.to(a.dtype), "v": lambda a, s, x_t, out: s * x_t + a * out,
+           "x0": lambda a, s, x_t, out: (x_t - a * out) / s}
+
+
 def training_target(objective: str, x0: Tensor, noise: Tensor, alpha_bar: Tensor) -> Tensor:
     """Regression target of the network for ``x_t = q_sample(x0, noise, ab)``: eps, v or x0. Shape of ``x0``."""
     check_objective(objective)
-    a, s = _coefs(alpha_bar, x0, noise)
-    if objective == "eps":
-        return noise.to(a.dtype)
-    if objective == "v":
-        return a * noise - s * x0
-    return x0.to(a.dtype)
+    return _TARGET[objective](*_coefs(alpha_bar, x0, noise), x0, noise)
 
 
 def to_x0(objective: str, x_t: Tensor, model_out: Tensor, alpha_bar: Tensor) -> Tensor:
     """Clean-sample estimate from the raw output: ``(x_t - s*eps)/a``, ``a*x_t - s*v`` or the output itself."""
     check_objective(objective)
-    a, s = _coefs(alpha_bar, x_t, model_out)
-    if objective == "eps":
-        return (x_t - s * model_out) / a
-    if objective == "v":
-        return a * x_t - s * model_out
-    return model_out.to(a.dtype)
+    return _TO_X0[objective](*_coefs(alpha_bar, x_t, model_out), x_t, model_out)
 
 
 def to_eps(objective: str, x_t: Tensor, model_out: Tensor, alpha_bar: Tensor) -> Tensor:
     """Noise estimate from the raw output: the output itself, ``s*x_t + a*v`` or ``(x_t - a*x0)/s``."""
     check_objective(objective)
-    a, s = _coefs(alpha_bar, x_t, model_out)
-    if objective == "eps":
-        return model_out.to(a.dtype)
-    if objective == "v":
-        return s * x_t + a * model_out
-    return (x_t - a * model_out) / s
+    return _TO_EPS[objective](*_coefs(alpha_bar, x_t, model_out), x_t, model_out)
 
 
 def to_v(objective: str, x_t: Tensor, model_out: Tensor, alpha_bar: Tensor) -> Tensor:

@@ -102,17 +102,9 @@ def _need_generator(generator: torch.Generator | None, name: str) -> None:
 
 
 @torch.no_grad()
-def ddpm(
-    denoise: Denoiser,
-    x: Tensor,
-    alphas_cumprod: Tensor,
-    steps: int,
-    generator: torch.Generator | None,
-    *,
-    callback: Callback | None = None,
-    spacing: str = "trailing",
-    timesteps: Sequence[int] | Tensor | None = None,
-) -> Tensor:
+def ddpm(denoise: Denoiser, x: Tensor, alphas_cumprod: Tensor, steps: int, generator: torch.Generator | None,
+         *, callback: Callback | None = None, spacing: str = "trailing",
+         timesteps: Sequence[int] | Tensor | None = None) -> Tensor:
     """Ancestral sampling from the DDPM posterior ``q(x_prev | x_t, x0_hat)`` (Ho et al. 2020, Eq. 6-7).
 
     On a subsequence of timesteps the chain is "respaced" (Nichol & Dhariwal 2021, Sec. 4): between consecutive
@@ -139,18 +131,9 @@ def ddpm(
 
 
 @torch.no_grad()
-def ddim(
-    denoise: Denoiser,
-    x: Tensor,
-    alphas_cumprod: Tensor,
-    steps: int,
-    generator: torch.Generator | None,
-    *,
-    callback: Callback | None = None,
-    spacing: str = "trailing",
-    timesteps: Sequence[int] | Tensor | None = None,
-    eta: float = 0.0,
-) -> Tensor:
+def ddim(denoise: Denoiser, x: Tensor, alphas_cumprod: Tensor, steps: int, generator: torch.Generator | None,
+         *, callback: Callback | None = None, spacing: str = "trailing",
+         timesteps: Sequence[int] | Tensor | None = None, eta: float = 0.0) -> Tensor:
     """DDIM (Song et al. 2021, Eq. 12): ``x_p = sqrt(ab_p) x0 + sqrt(1 - ab_p - sigma^2) eps + sigma z``.
 
     ``eps = (x_t - sqrt(ab_t) x0) / sqrt(1 - ab_t)`` is the noise implied by the denoised estimate and
@@ -178,17 +161,9 @@ def ddim(
 
 
 @torch.no_grad()
-def dpmpp_2m(
-    denoise: Denoiser,
-    x: Tensor,
-    alphas_cumprod: Tensor,
-    steps: int,
-    generator: torch.Generator | None,
-    *,
-    callback: Callback | None = None,
-    spacing: str = "trailing",
-    timesteps: Sequence[int] | Tensor | None = None,
-) -> Tensor:
+def dpmpp_2m(denoise: Denoiser, x: Tensor, alphas_cumprod: Tensor, steps: int, generator: torch.Generator | None,
+             *, callback: Callback | None = None, spacing: str = "trailing",
+             timesteps: Sequence[int] | Tensor | None = None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): deterministic, second order, multistep.
 
     Works in ``lambda = log(alpha / sigma)`` (``alpha = sqrt(ab)``, ``sigma = sqrt(1 - ab)``) on the

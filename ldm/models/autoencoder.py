@@ -9,7 +9,7 @@ Images are ``[B, in_channels, H, W]`` in [-1, 1]; latents are ``[B, embed_dim, H
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -67,28 +67,16 @@ class FirstStage(nn.Module):
 class AutoencoderKL(FirstStage):
     """The KL-regularised first-stage autoencoder (LDM Sec. 3.1): x -> q(z|x) = N(mu, sigma^2) -> z -> x_hat.
 
-    Arguments mirror the CompVis ``ddconfig`` plus ``embed_dim``. ``resolution`` is the nominal training
-    resolution and only decides at which levels ``attn_resolutions`` places attention; any input whose height
-    and width are divisible by ``downsample_factor`` works.
+    Arguments mirror the CompVis ``ddconfig`` plus ``embed_dim``; ``layout`` holds the encoder/decoder ones
+    (``ldm.models.convnet.Layout``: ch, ch_mult, num_res_blocks, attn_resolutions, resolution, dropout).
+    ``resolution`` is the nominal training resolution and only decides at which levels ``attn_resolutions``
+    places attention; any input whose height and width are divisible by ``downsample_factor`` works.
 
     Shapes: images ``[B, in_channels, H, W]`` in [-1, 1]; latents ``[B, embed_dim, H/f, W/f]``.
     """
 
-    def __init__(
-        self,
-        *,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (),
-        resolution: int = 256,
-        in_channels: int = 3,
-        out_ch: int = 3,
-        z_channels: int = 4,
-        embed_dim: int = 4,
-        double_z: bool = True,
-        dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, *, in_channels: int = 3, out_ch: int = 3, z_channels: int = 4, embed_dim: int = 4,
+                 double_z: bool = True, **layout: Any) -> None:
         super().__init__()
         if not double_z:
             raise ValueError(
@@ -96,7 +84,7 @@ class AutoencoderKL(FirstStage):
             )
         if z_channels < 1 or embed_dim < 1:
             raise ValueError(f"z_channels and embed_dim must be >= 1, got {z_channels} and {embed_dim}")
-        self.layout = Layout(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, dropout)
+        self.layout = Layout.of("AutoencoderKL", layout, ch_mult=(1, 2, 4, 4))
         self.in_channels = in_channels
         self.embed_dim = embed_dim
         self.encoder = Encoder(self.layout, in_channels, 2 * z_channels)

@@ -6,7 +6,7 @@ released CompVis ``openaimodel`` / ``attention`` modules (``in_layers.0``, ``emb
 ``transformer_blocks.0.attn2.to_k`` ...) so that the paper's and Stable Diffusion's U-Net checkpoints load
 1:1.
 
-Speed without changing the maths (every path is exact in fp32; see tests/test_unet.py):
+Speed without changing the maths (every path is exact in fp32; see tests/test_unet_speed.py):
 
 * Under fp16/bf16 autocast, PyTorch runs GroupNorm/LayerNorm in fp32 and writes fp32 activation maps, which
   the next conv/linear casts back. Our norms run on the half-precision activations directly (the CUDA kernels

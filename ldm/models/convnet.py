@@ -13,7 +13,8 @@ either end); the KL and the VQ autoencoders (``ldm.models.autoencoder``, ``ldm.m
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -168,6 +169,15 @@ class Layout:
                 f"channel widths {bad} (ch={self.ch} x ch_mult={list(self.ch_mult)}) are not divisible by the "
                 f"{GROUPS} GroupNorm groups; use a ch that is a multiple of {GROUPS}"
             )
+
+    @classmethod
+    def of(cls, owner: str, arguments: dict[str, Any], **defaults: Any) -> Layout:
+        """The layout an autoencoder's keyword ``arguments`` give (``defaults`` first); an argument that is no field
+        of the layout is a ValueError naming it and ``owner``."""
+        names = [f.name for f in fields(cls)]
+        if unknown := sorted(set(arguments) - set(names)):
+            raise ValueError(f"{owner} got unknown argument(s) {unknown}; its encoder/decoder take {names}")
+        return cls(**{**defaults, **arguments})
 
     @property
     def levels(self) -> int:

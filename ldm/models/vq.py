@@ -24,8 +24,8 @@ run restarts the same codes); under DDP counts are summed over ranks and rank 0'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -168,38 +168,22 @@ class VectorQuantizer(nn.Module):
 class VQModel(FirstStage):
     """VQ-regularised autoencoder: x -> z_e = quant_conv(encoder(x)) -> nearest codes -> decoder.
 
-    Arguments are the CompVis ``VQModel``'s (``ddconfig`` plus ``embed_dim``, ``n_embed``) and the quantiser's
-    (``beta``, ``legacy``, ``ema_decay``, ``restart_threshold``: ``VectorQuantizer``). State-dict keys are the
+    Arguments are the CompVis ``VQModel``'s (``ddconfig`` plus ``embed_dim``, ``n_embed``; ``layout``: the
+    encoder/decoder ones, ``ldm.models.convnet.Layout``) and the quantiser's (``beta``, ``legacy``,
+    ``ema_decay``, ``restart_threshold``: ``VectorQuantizer``). State-dict keys are the
     released ones (``encoder.``, ``quant_conv.``, ``quantize.embedding.weight``, ``post_quant_conv.``,
     ``decoder.``). ``encode`` gives the pre-quantisation latent (as a point-mass posterior), ``decode`` quantises.
     """
 
-    def __init__(
-        self,
-        *,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 2, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (),
-        resolution: int = 256,
-        in_channels: int = 3,
-        out_ch: int = 3,
-        z_channels: int = 4,
-        embed_dim: int = 4,
-        n_embed: int = 16384,
-        beta: float = 0.25,
-        legacy: bool = False,
-        ema_decay: float | None = None,
-        restart_threshold: float = 0.0,
-        double_z: bool = False,
-        dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, *, in_channels: int = 3, out_ch: int = 3, z_channels: int = 4, embed_dim: int = 4,
+                 n_embed: int = 16384, beta: float = 0.25, legacy: bool = False, ema_decay: float | None = None,
+                 restart_threshold: float = 0.0, double_z: bool = False, **layout: Any) -> None:
         super().__init__()
         if double_z:
             raise ValueError("VQModel needs double_z=False: its encoder predicts the latent itself, not moments")
         if z_channels < 1 or embed_dim < 1:
             raise ValueError(f"z_channels and embed_dim must be >= 1, got {z_channels} and {embed_dim}")
-        self.layout = Layout(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, dropout)
+        self.layout = Layout.of("VQModel", layout, ch_mult=(1, 2, 2, 4))
         self.in_channels = in_channels
         self.embed_dim = embed_dim
         self.encoder = Encoder(self.layout, in_channels, z_channels)

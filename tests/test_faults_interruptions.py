@@ -1,20 +1,18 @@
-"""Fault tests: what a days-long run on a shared cluster meets, on real ``train.py`` runs (CPU, tiny models).
+"""Fault tests: runs that go wrong or are stopped mid-way, on real ``train.py`` runs (CPU, tiny models).
 
 - bad steps: NaN injected into gradients is skipped, counted and never applied; a diverging run stops non-zero,
   names the last good checkpoint, and writes no non-finite weights or statistics;
-- signals: SIGTERM / SIGINT / SIGUSR1 to a running ``train.py`` save at the current step and exit 128 + signal;
+- signals: SIGTERM / SIGINT / SIGUSR1 to a running ``train.py`` save at the current step and exit 128 + signal
+  (SIGTERM under DDP too);
 - SIGKILL mid-epoch, shuffled data, then ``resume=auto``: per-step losses and every weight (model, EMA,
-  discriminator, optimizer moments) bit-for-bit those of an uninterrupted run, for both stages;
-- resumed configs: architecture / data changes refused before any work, optimisation changes applied + recorded;
-- run folders: a fresh run never overwrites another run's checkpoints; killed saves' leftovers are removed;
-- ``train.py ckpt_path=`` never runs code from a pickle.
+  discriminator, optimizer moments) bit-for-bit those of an uninterrupted run, for both stages.
 
-(Crafted checkpoints against the other entry points: tests/test_faults_checkpoints.py.)
+(Resumed configs and run folders: tests/test_faults_resume.py; crafted checkpoints against the other entry
+points: tests/test_faults_checkpoints.py.)
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -25,29 +23,12 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import TINY_RUN, compose_train
+from faults_fixtures import ROOT, STAGE1, STAGE2, assert_same_state, losses, run_train
+from helpers import compose_train
 from stage2_fixtures import make_stage1_checkpoint
 
 import train
 from ldm.checkpoint import load_torch_file
-
-ROOT = Path(__file__).resolve().parents[1]
-# tiny stage 1 on 12 shuffled `shapes` images, 3 batches per epoch: cuts at steps that are not multiples of 3
-# fall mid-epoch. The PatchGAN starts at step 2, so the discriminator and its optimizer are under test too.
-STAGE1 = TINY_RUN + ["data.dataset.size=12", "loss.disc_start=2", "trainer.deterministic=true",
-                     "module.ema_decay=0.9", "callbacks.throughput=null"]
-STAGE2 = ["stage=ldm", "resolution=32", "batch_size=4", "text_encoder.width=32", "text_encoder.depth=1",
-          "text_encoder.heads=2", "latent_data.num_workers=0", "latent_stats_images=8", "data.dataset.size=20",
-          "data.dataset.val_size=8", "data.num_workers=0", "trainer.accelerator=cpu", "trainer.limit_val_batches=1",
-          "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "trainer.deterministic=true",
-          "callbacks.sample_grid=null", "callbacks.throughput=null", "module.ema_decay=0.9",
-          "module.lr_scheduler.total_iters=6"]
-
-
-def run_train(args: list[str], run_dir: Path, env: dict | None = None, timeout: float = 600):
-    cmd = [sys.executable, "train.py", *args, f"hydra.run.dir={run_dir}"]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
 
 
 def start_train(args: list[str], run_dir: Path, env: dict | None = None) -> subprocess.Popen:
@@ -66,30 +47,6 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
             proc.kill()
             raise AssertionError(f"{path} did not appear in {timeout} s")
         time.sleep(0.05)
-
-
-def losses(run_dir: Path, key: str) -> list[float]:
-    """Per-step training losses in the order they were logged (all CSV versions: a resume adds one)."""
-    out = []
-    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
-        with open(path) as f:
-            out += [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
-    return out
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    """Bit-for-bit equal weights (every tensor of the state dict) and optimizer states."""
-    assert a["global_step"] == b["global_step"]
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
-    for oa, ob in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
-        assert oa["state"].keys() == ob["state"].keys()
-        for i in oa["state"]:
-            for name, va in oa["state"][i].items():
-                vb = ob["state"][i][name]
-                assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, (i, name)
-        assert [g["lr"] for g in oa["param_groups"]] == [g["lr"] for g in ob["param_groups"]]
 
 
 def all_finite(path: Path) -> bool:
@@ -255,112 +212,6 @@ def test_sigkill_mid_epoch_then_resume_is_exact_stage2(tmp_path):
                                          f"paths.latent_cache_root={tmp_path / 'cache'}"], "train/loss")
 
 
-# ---------------------------------------------------------------------------------- configs and run folders
-
-def _train(args: list[str], run_dir: Path) -> dict:
-    return train.train(compose_train(args, output_dir=run_dir))
-
-
-def test_resume_refuses_architecture_change_and_records_optimisation_changes(tmp_path, caplog):
-    run = tmp_path / "run"
-    # the quickstart recipe decays the lr on a cosine with T_max = trainer.max_steps, base lr 3e-3, no lr scaling
-    _train(STAGE1 + ["trainer.max_steps=3"], run)
-    before = (run / "checkpoints" / "last.ckpt").read_bytes()
-
-    with pytest.raises(ValueError, match="different architecture or data") as refused:
-        _train(STAGE1 + ["trainer.max_steps=6", "resume=auto", "autoencoder.ch=16", "data.dataset.size=24"], run)
-    assert "autoencoder.ch: 32 -> 16" in str(refused.value) and "data.dataset.size: 12 -> 24" in str(refused.value)
-    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before  # refused before any work
-
-    with caplog.at_level("WARNING", logger="ldm.train"):
-        _train(STAGE1 + ["module.base_learning_rate=2e-3", "trainer.max_steps=6", "batch_size=3", "resume=auto"], run)
-    assert "module.base_learning_rate: 0.003 -> 0.002" in caplog.text and "trainer.max_steps: 3 -> 6" in caplog.text
-    ckpt = load_torch_file(run / "checkpoints" / "last.ckpt")
-    history = ckpt["ldm"]["history"]
-    assert [h["step"] for h in history] == [0, 3]
-    assert history[1]["changes"]["module.base_learning_rate"] == [3e-3, 2e-3]
-    assert history[1]["changes"]["batch_size"] == [4, 3]
-    assert history[0]["config"]["module"]["base_learning_rate"] == 3e-3
-    assert ckpt["ldm"]["config"]["module"]["base_learning_rate"] == 2e-3
-    assert ckpt["lr_schedulers"][0]["T_max"] == 6  # the schedule follows the resumed max_steps ...
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.SGD([torch.zeros(1)], lr=2e-3), T_max=6)
-    lrs = []
-    for _ in range(6):
-        sched.optimizer.step()
-        sched.step()
-        lrs.append(sched.get_last_lr()[0])
-    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(lrs[-1], abs=1e-12)  # ... new lr
-    logged = [float(r["lr-Adam"]) for path in sorted((run / "csv").glob("version_*/metrics.csv"))
-              for r in csv.DictReader(open(path)) if r.get("lr-Adam")]
-    assert logged[-3:] == pytest.approx(lrs[2:5], rel=1e-6)  # the lr at steps 3, 4, 5 of the new schedule
-
-
-def test_fresh_run_never_overwrites_another_runs_checkpoints(tmp_path):
-    run, other = tmp_path / "run", tmp_path / "other"
-    _train(STAGE1 + ["trainer.max_steps=1"], run)
-    last = run / "checkpoints" / "last.ckpt"
-    before = last.read_bytes()
-    with pytest.raises(ValueError, match="resume=auto.*run_name"):
-        _train(STAGE1 + ["trainer.max_steps=2"], run)
-    _train(STAGE1 + ["trainer.max_steps=1"], other)
-    with pytest.raises(ValueError, match="not in this run's folder"):
-        _train(STAGE1 + ["trainer.max_steps=2", f"ckpt_path={other / 'checkpoints' / 'last.ckpt'}"], run)
-    assert last.read_bytes() == before
-
-
-def test_leftovers_of_killed_saves_are_removed_on_resume(tmp_path):
-    run = tmp_path / "run"
-    _train(STAGE1 + ["trainer.max_steps=1"], run)
-    stale = run / "checkpoints" / ".last.ckpt.abc123.tmp"
-    stale.write_bytes(b"half a checkpoint")
-    orphan = run / "checkpoints" / "best-0000999.ckpt"  # a best file written after the state it resumes from
-    orphan.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
-    _train(STAGE1 + ["trainer.max_steps=2", "resume=auto"], run)
-    assert not stale.exists() and not orphan.exists()
-    assert load_torch_file(run / "checkpoints" / "last.ckpt")["global_step"] == 2
-
-
-class _Payload:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def test_resume_from_a_pickle_payload_runs_no_code(tmp_path):
-    marker = tmp_path / "pwned"
-    evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "ldm": {"config": {}}, "x": _Payload(str(marker))}, evil)
-    proc = run_train(STAGE1 + ["trainer.max_steps=2", f"ckpt_path={evil}"], tmp_path / "run")
-    assert proc.returncode != 0
-    assert not marker.exists()
-    assert "evil.ckpt" in proc.stderr and "never runs code from a checkpoint" in proc.stderr, proc.stderr[-3000:]
-
-
-# ------------------------------------------------------------------------------------ checks before any work
-
-def test_class_model_on_unlabelled_data_is_refused_before_the_cache(tmp_path):
-    s1 = make_stage1_checkpoint(tmp_path / "s1" / "last.ckpt")
-    cache_root = tmp_path / "cache"
-    with pytest.raises(ValueError, match="text_encoder=class conditions on class labels.*carry none"):
-        _train(STAGE2[:3] + ["text_encoder=class", f"autoencoder.pretrained={s1}",
-                             f"paths.latent_cache_root={cache_root}"] + STAGE2[6:], tmp_path / "run")
-    assert not cache_root.exists()  # nothing was encoded
-
-
-def test_validation_interval_longer_than_the_data_is_a_clear_error(tmp_path):
-    # 12 images, batch 4: 3 batches per epoch, validation asked every 5
-    with pytest.raises(ValueError, match=r"val_check_interval=5 steps is longer than one epoch .*3 batches"):
-        _train(STAGE1 + ["trainer.val_check_interval=5", "trainer.max_steps=10"], tmp_path / "run")
-    assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_trainer_gradient_clip_names_the_module_key(tmp_path):
-    with pytest.raises(ValueError, match="module.gradient_clip_val=0.5"):
-        _train(STAGE1 + ["+trainer.gradient_clip_val=0.5"], tmp_path / "run")
-
-
 @pytest.mark.slow
 def test_sigterm_under_ddp_saves_once_and_every_rank_exits(tmp_path):
     """2 gloo processes on the CPU: SIGTERM to the launching process (rank 0; the other rank never sees it) stops
@@ -383,52 +234,3 @@ def test_sigterm_under_ddp_saves_once_and_every_rank_exits(tmp_path):
     time.sleep(1.0)
     leftover = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout.split()
     assert not leftover, f"processes of the run still alive: {leftover}"
-
-
-# ------------------------------------------------------------------ continuing finished, moved or damaged runs
-
-@pytest.mark.parametrize("first", [3, 4])  # 3 batches per epoch: stop at an epoch's end, and one step into the next
-def test_continuing_a_finished_run_equals_one_longer_run(tmp_path, first):
-    """Train, then resume=auto with a larger max_steps (how a run is usually extended): the same samples, losses
-    and weights as one run of the total length, although Lightning closes its epoch when a run stops on max_steps."""
-    args = STAGE1 + ["module.lr_scheduler.T_max=50"]
-    _train(args + [f"trainer.max_steps={first}"], tmp_path / "extended")
-    _train(args + ["trainer.max_steps=7", "resume=auto"], tmp_path / "extended")
-    _train(args + ["trainer.max_steps=7"], tmp_path / "straight")
-    assert losses(tmp_path / "extended", "train/rec_loss") == losses(tmp_path / "straight", "train/rec_loss")
-    assert_same_state(load_torch_file(tmp_path / "extended" / "checkpoints" / "last.ckpt"),
-                      load_torch_file(tmp_path / "straight" / "checkpoints" / "last.ckpt"))
-
-
-def test_a_larger_batch_size_on_resume_continues_the_epoch_where_it_stopped(tmp_path):
-    """12 images: 2 steps of batch 2 use 4 of epoch 0; resumed with batch 4, two more steps use the other 8 (Lightning
-    alone would count the resumed epoch in batches of the old size and end it early)."""
-    run = tmp_path / "run"
-    _train(STAGE1 + ["batch_size=2", "trainer.max_steps=2"], run)
-    assert load_torch_file(run / "checkpoints" / "last.ckpt")["loops"]["fit_loop"]["state_dict"][
-        "combined_loader"][0] == {"epoch": 0, "consumed": 4, "batch_size": 2}
-    _train(STAGE1 + ["batch_size=4", "trainer.max_steps=4", "resume=auto"], run)
-    assert load_torch_file(run / "checkpoints" / "last.ckpt")["loops"]["fit_loop"]["state_dict"][
-        "combined_loader"][0] == {"epoch": 0, "consumed": 12, "batch_size": 4}
-
-
-def test_a_copied_run_folder_keeps_its_files_and_leaves_the_original_alone(tmp_path):
-    import shutil
-
-    original, copy = tmp_path / "original", tmp_path / "copy"
-    _train(STAGE1 + ["trainer.max_steps=3"], original)  # validation at the epoch's end: best-0000003.ckpt
-    shutil.copytree(original, copy)
-    before = {p.name: p.read_bytes() for p in (original / "checkpoints").iterdir()}
-    _train(STAGE1 + ["trainer.max_steps=4", "resume=auto"], copy)
-    assert {p.name: p.read_bytes() for p in (original / "checkpoints").iterdir()} == before
-    assert (copy / "checkpoints" / "best-0000003.ckpt").is_file()
-    assert not list((copy / "checkpoints").glob("last-v*.ckpt"))
-
-
-def test_a_damaged_last_checkpoint_is_named_with_the_alternatives(tmp_path):
-    run = tmp_path / "run"
-    _train(STAGE1 + ["trainer.max_steps=3"], run)
-    last = run / "checkpoints" / "last.ckpt"
-    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"last.ckpt cannot be read .* damaged.*best-0000003.ckpt"):
-        _train(STAGE1 + ["trainer.max_steps=6", "resume=auto"], run)
