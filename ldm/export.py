@@ -242,7 +242,8 @@ def _write_text_encoder(out: Path, meta: dict[str, Any]) -> tuple[list, list]:
     """``text_encoder/`` + ``tokenizer/`` for a frozen Hugging Face CLIP encoder (last layer: what
     StableDiffusionPipeline feeds its U-Net); model_index.json entries, ``[None, None]`` for other encoders."""
     spec = meta["config"].get("text_encoder") or {}
-    if not str(spec.get("_target_", "")).endswith("HFTextEncoder") or spec.get("layer", "last") != "last":
+    if not str(spec.get("_target_", "")).endswith(("HFTextEncoder", "hf_text_encoder")) or \
+            spec.get("layer", "last") != "last":
         log.info("text encoder %s is not a diffusers pipeline component: text_encoder/tokenizer left empty "
                  "(pass prompt_embeds, or your own)", spec.get("_target_"))
         return [None, None], [None, None]

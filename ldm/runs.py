@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ldm.checkpoint import load_torch_file
+from ldm.checkpoint import MOVED_TARGETS, load_torch_file
 
 log = logging.getLogger("ldm.train")
 
@@ -55,8 +55,10 @@ RENAMED = {"autoencoder_ckpt": "autoencoder.pretrained", "unet_pretrained": "une
 
 def upgraded(flat: dict[str, Any]) -> dict[str, Any]:
     """A flattened stored config with ``RENAMED`` keys under their new names (an old key's value wins over the
-    new key's placeholder: older configs held ``???`` or null there when the old spelling was used)."""
-    flat = dict(flat)
+    new key's placeholder: older configs held ``???`` or null there when the old spelling was used) and
+    ``MOVED_TARGETS`` under their new names."""
+    flat = {k: MOVED_TARGETS.get(v, v) if k.endswith("_target_") and isinstance(v, str) else v
+            for k, v in flat.items()}
     for old, new in RENAMED.items():
         value = flat.pop(old, None)
         if value is not None and flat.get(new) in (None, "???"):

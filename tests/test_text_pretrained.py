@@ -25,8 +25,9 @@ from text_encoder_fixtures import _check_output
 from torch import nn
 
 from ldm import pretrained
-from ldm.models.hf_text import HFTextEncoder, MiniLMEncoder, state_dict_sha256
+from ldm.models.hf_text import HFTextEncoder, state_dict_sha256
 from ldm.pretrained import minilm as minilm_weights
+from ldm.pretrained.hf_text import hf_text_encoder, minilm_text_encoder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "text_encoder"
 LETTERS = list(string.ascii_lowercase)
@@ -79,12 +80,12 @@ def bert_dir(tmp_path_factory) -> tuple[Path, nn.Module]:
 
 
 @pytest.fixture(scope="module")
-def minilm() -> MiniLMEncoder:
+def minilm() -> HFTextEncoder:
     try:
         pretrained.minilm_model_dir()
     except FileNotFoundError as err:
         pytest.skip(f"all-MiniLM-L6-v2 weights cannot be obtained here: {err}")
-    return MiniLMEncoder()
+    return minilm_text_encoder()
 
 
 # ------------------------------------------------------------------------------------------------- MiniLM
@@ -136,7 +137,7 @@ def test_minilm_is_frozen_and_its_identity_pins_the_weights(minilm):
 
 
 def test_minilm_truncation_warns(minilm):
-    enc = MiniLMEncoder(path=minilm.name_or_path, max_length=8)
+    enc = minilm_text_encoder(path=minilm.name_or_path, max_length=8)
     with pytest.warns(UserWarning, match=r"text_encoder=minilm: prompt 'one two three four five six seven' has 9 "
                                          r"tokens, more than max_length=8"):
         context, mask = enc(["one two three four five six seven", "one"])
@@ -185,7 +186,7 @@ def test_hf_clip_from_folder_matches_the_model_in_memory(clip_dir):
     from transformers import AutoTokenizer
 
     folder, model = clip_dir
-    enc = HFTextEncoder(str(folder), max_length=16)
+    enc = hf_text_encoder(str(folder), max_length=16)
     assert enc.context_dim == 32 and type(enc.model).__name__ == "CLIPTextModel"
     captions = ["a red circle", "", "red"]
     context, mask = enc(captions)
@@ -199,7 +200,7 @@ def test_hf_clip_from_folder_matches_the_model_in_memory(clip_dir):
     # causal attention: a real token's state does not depend on the padding after it
     alone = model(input_ids=tok(["red"], return_tensors="pt")["input_ids"]).last_hidden_state[0]
     assert_float32_close(context[2, :3], alone, accumulation_length(model))  # 16 vs 3 positions
-    pen = HFTextEncoder(str(folder), max_length=16, layer="penultimate")(captions)[0]
+    pen = hf_text_encoder(str(folder), max_length=16, layer="penultimate")(captions)[0]
     with torch.no_grad():
         hidden = model(input_ids=ids["input_ids"], output_hidden_states=True).hidden_states
     torch.testing.assert_close(pen, hidden[-2], atol=0, rtol=0)
@@ -208,7 +209,7 @@ def test_hf_clip_from_folder_matches_the_model_in_memory(clip_dir):
 
 def test_hf_bert_padding_mask_keeps_real_tokens(bert_dir):
     folder, model = bert_dir
-    enc = HFTextEncoder(str(folder), max_length=12)
+    enc = hf_text_encoder(str(folder), max_length=12)
     context, mask = enc(["a red circle", "blue"])
     _check_output(context, mask, 2, 12, 24)
     from transformers import AutoTokenizer
@@ -233,7 +234,7 @@ def test_hf_t5_uses_the_encoder_stack(tmp_path):
     model = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=16, d_kv=4, d_ff=32, num_layers=2,
                                     num_heads=4)).eval()
     model.save_pretrained(tmp_path)
-    enc = HFTextEncoder(str(tmp_path), max_length=20)
+    enc = hf_text_encoder(str(tmp_path), max_length=20)
     assert enc.context_dim == 16 and type(enc.model).__name__ == "T5EncoderModel"
     context, mask = enc(["a red circle", ""])
     _check_output(context, mask, 2, 20, 16)
@@ -246,12 +247,12 @@ def test_hf_t5_uses_the_encoder_stack(tmp_path):
 
 def test_hf_frozen_and_identity_follows_the_weights(clip_dir):
     folder, _ = clip_dir
-    enc = HFTextEncoder(str(folder), max_length=16)
+    enc = hf_text_encoder(str(folder), max_length=16)
     enc.train()
     assert not enc.training and not enc.model.training
     assert sum(p.numel() for p in enc.parameters() if p.requires_grad) == 0
     first = enc.identity()
-    assert first == HFTextEncoder(str(folder), max_length=16).identity()  # stable across loads
+    assert first == hf_text_encoder(str(folder), max_length=16).identity()  # stable across loads
     assert json.loads(json.dumps(first)) == first and len(first["sha256"]) == 64
     assert first["model_type"] == "clip_text_model" and first["dtype"] == "float32"
     weight = enc.model.get_input_embeddings().weight
@@ -263,21 +264,21 @@ def test_hf_frozen_and_identity_follows_the_weights(clip_dir):
     with torch.no_grad():
         weight.copy_(saved)
     assert state_dict_sha256(enc.model) == first["sha256"]
-    assert HFTextEncoder(str(folder), max_length=8).identity()["max_length"] == 8
-    half = HFTextEncoder(str(folder), max_length=16, dtype="bfloat16")
+    assert hf_text_encoder(str(folder), max_length=8).identity()["max_length"] == 8
+    half = hf_text_encoder(str(folder), max_length=16, dtype="bfloat16")
     assert half.identity()["sha256"] != first["sha256"] and half(["red"])[0].dtype == torch.float32
 
 
 def test_hf_bad_arguments_are_explained(clip_dir, bert_dir, tmp_path):
     folder, _ = clip_dir
     with pytest.raises(ValueError, match="max_length=100 exceeds .* 77 positions"):
-        HFTextEncoder(str(folder), max_length=100)
+        hf_text_encoder(str(folder), max_length=100)
     with pytest.raises(ValueError, match="context_dim=768 but .* produces 32-d"):
-        HFTextEncoder(str(folder), context_dim=768)
+        hf_text_encoder(str(folder), context_dim=768)
     with pytest.raises(ValueError, match="layer='middle'"):
-        HFTextEncoder(str(folder), layer="middle")
+        hf_text_encoder(str(folder), layer="middle")
     with pytest.raises(FileNotFoundError, match="cannot load text encoder"):
-        HFTextEncoder(str(tmp_path))  # an empty folder
+        hf_text_encoder(str(tmp_path))  # an empty folder
     from safetensors.torch import load_file, save_file
 
     bert_folder, _ = bert_dir
@@ -286,7 +287,7 @@ def test_hf_bad_arguments_are_explained(clip_dir, bert_dir, tmp_path):
     state = load_file(partial / "model.safetensors")
     save_file({k: v for k, v in state.items() if ".layer.1." not in k}, partial / "model.safetensors")
     with pytest.raises(ValueError, match=r"lacks \d+ weights of BertModel .* would be random"):
-        HFTextEncoder(str(partial))
+        hf_text_encoder(str(partial))
 
 
 # ------------------------------------------------------------------------------------------------- configs
@@ -311,8 +312,15 @@ def test_every_config_instantiates(name, clip_dir, request):
 
 
 def test_targets_of_older_checkpoints_still_resolve():
-    """Checkpoints store their resolved config; those from before the split name the frozen encoders here."""
-    from hydra.utils import get_class
+    """Checkpoints store their resolved config; older ones name the frozen encoders by their former classes,
+    which the registry builds with the loaders, and a resume reads them as the same encoder."""
+    from ldm.checkpoint import REGISTRY
+    from ldm.runs import config_changes
 
-    assert get_class("ldm.models.text_encoders.HFTextEncoder") is HFTextEncoder
-    assert get_class("ldm.models.text_encoders.MiniLMEncoder") is MiniLMEncoder
+    for old in ("ldm.models.text_encoders.HFTextEncoder", "ldm.models.hf_text.HFTextEncoder"):
+        assert REGISTRY[old] is hf_text_encoder
+    for old in ("ldm.models.text_encoders.MiniLMEncoder", "ldm.models.hf_text.MiniLMEncoder"):
+        assert REGISTRY[old] is minilm_text_encoder
+    stored = {"text_encoder": {"_target_": "ldm.models.hf_text.MiniLMEncoder", "max_length": 77}}
+    now = {"text_encoder": {"_target_": "ldm.pretrained.hf_text.minilm_text_encoder", "max_length": 77}}
+    assert config_changes(stored, now) == ({}, {})

@@ -49,6 +49,7 @@ from ldm.checkpoint.reading import (
 )
 from ldm.checkpoint.registry import (
     HYDRA_KEYS,
+    MOVED_TARGETS,
     RECORDED_ONLY,
     REGISTRY,
     TORCH_TARGETS,
@@ -59,10 +60,10 @@ from ldm.checkpoint.registry import (
 
 __all__ = [
     "AE_TARGET", "COMPVIS_AE", "COMPVIS_COND", "COMPVIS_UNET", "EXPORT_FORMAT", "EXPORT_KEY", "EXPORT_META",
-    "HYDRA_KEYS", "NO_CODE", "PIXEL_SPACE", "RECORDED_ONLY", "REGISTRY", "TORCH_SUFFIXES", "TORCH_TARGETS",
-    "UNET_TARGET", "add_latent_stats", "architecture", "atomic_torch_save", "build_autoencoder",
-    "build_latent_diffusion", "build_unet", "check_spec", "check_stored_config", "instantiate",
-    "load_autoencoder", "load_checkpoint", "load_latent_diffusion", "load_safetensors", "load_torch_file",
-    "load_unet", "measure_latent_stats", "read_checkpoint", "read_weights", "source_missing", "strict_load",
-    "submodule_state",
+    "HYDRA_KEYS", "MOVED_TARGETS", "NO_CODE", "PIXEL_SPACE", "RECORDED_ONLY", "REGISTRY", "TORCH_SUFFIXES",
+    "TORCH_TARGETS", "UNET_TARGET", "add_latent_stats", "architecture", "atomic_torch_save",
+    "build_autoencoder", "build_latent_diffusion", "build_unet", "check_spec", "check_stored_config",
+    "instantiate", "load_autoencoder", "load_checkpoint", "load_latent_diffusion", "load_safetensors",
+    "load_torch_file", "load_unet", "measure_latent_stats", "read_checkpoint", "read_weights",
+    "source_missing", "strict_load", "submodule_state",
 ]

@@ -15,10 +15,10 @@ from typing import Any
 
 from ldm.losses.diffusion import DiffusionLoss
 from ldm.models.autoencoder import AutoencoderKL, IdentityFirstStage
-from ldm.models.hf_text import HFTextEncoder, MiniLMEncoder
 from ldm.models.text_encoders import ClassEncoder, NullEncoder, TransformerTextEncoder
 from ldm.models.unet import UNetModel
 from ldm.models.vq import VQModel
+from ldm.pretrained.hf_text import hf_text_encoder, minilm_text_encoder
 
 # torch classes a stored *model* config may name, by exact name. The shipped presets (configs/autoencoder, unet,
 # text_encoder, loss/diffusion) name none: the only torch targets in configs/ are optimizers and LR schedulers.
@@ -32,14 +32,20 @@ REGISTRY: dict[str, Callable[..., Any]] = {
     "ldm.models.text_encoders.TransformerTextEncoder": TransformerTextEncoder,
     "ldm.models.text_encoders.ClassEncoder": ClassEncoder,
     "ldm.models.text_encoders.NullEncoder": NullEncoder,
-    "ldm.models.hf_text.HFTextEncoder": HFTextEncoder,
-    "ldm.models.hf_text.MiniLMEncoder": MiniLMEncoder,
-    # older spellings: checkpoints written before hf_text.py was split off store these
-    "ldm.models.text_encoders.HFTextEncoder": HFTextEncoder,
-    "ldm.models.text_encoders.MiniLMEncoder": MiniLMEncoder,
+    "ldm.pretrained.hf_text.hf_text_encoder": hf_text_encoder,  # frozen encoders: loaded by these functions
+    "ldm.pretrained.hf_text.minilm_text_encoder": minilm_text_encoder,
     "ldm.losses.diffusion.DiffusionLoss": DiffusionLoss,  # stage 2: schedule and objective of sampling
     **TORCH_TARGETS,
 }
+# Targets that moved: configs stored by older ldm name the same models by these (the frozen text encoders'
+# former classes, which loaded their weights in the constructor; hf_text.py before it was split off)
+MOVED_TARGETS = {
+    "ldm.models.hf_text.HFTextEncoder": "ldm.pretrained.hf_text.hf_text_encoder",
+    "ldm.models.text_encoders.HFTextEncoder": "ldm.pretrained.hf_text.hf_text_encoder",
+    "ldm.models.hf_text.MiniLMEncoder": "ldm.pretrained.hf_text.minilm_text_encoder",
+    "ldm.models.text_encoders.MiniLMEncoder": "ldm.pretrained.hf_text.minilm_text_encoder",
+}
+REGISTRY.update({old: REGISTRY[new] for old, new in MOVED_TARGETS.items()})
 
 # Targets a stored config holds in a section ldm never builds from a checkpoint: the stage-1 loss (configs/loss/
 # autoencoder.yaml), which only training builds, from the user's config. A stage-1 checkpoint may name these in

