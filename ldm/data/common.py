@@ -154,6 +154,10 @@ class ImageTransform:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return pil_to_tensor(img)
 
+    def load(self, source: str | os.PathLike | IO[bytes]) -> Tensor:
+        """Open an image file (decoded at a reduced size where the format allows, ``open_image``) and transform it."""
+        return self(open_image(source, self.resolution))
+
     def __repr__(self) -> str:
         return f"ImageTransform(resolution={self.resolution}, crop={self.crop!r}, flip={self.flip})"
 

@@ -26,7 +26,6 @@ from ldm.data.common import (
     check_index,
     check_resolution,
     make_sample,
-    open_image,
     unit_hash,
 )
 
@@ -145,7 +144,7 @@ class EmojiDataset(Dataset):
         return make_sample(image, item["caption"], item["attributes"], name, n_bad)
 
     def _load(self, name: str):
-        return self.transform(open_image(str(self.package / "img" / self.vendor / "64" / name)))
+        return self.transform.load(str(self.package / "img" / self.vendor / "64" / name))
 
     def __repr__(self) -> str:
         return (f"EmojiDataset(vendor={self.vendor!r}, split={self.split!r}, items={len(self.items)}, "

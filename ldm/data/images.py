@@ -32,7 +32,6 @@ from ldm.data.common import (
     check_fraction,
     check_index,
     make_sample,
-    open_image,
     unit_hash,
     with_label,
 )
@@ -187,7 +186,7 @@ class ImageFolderDataset(Dataset):
         return make_sample(image, self._captions.get(name, ""), attributes, name, n_bad)
 
     def _load(self, name: str):
-        return self.transform(open_image(str(self.root / name), self.transform.resolution))
+        return self.transform.load(str(self.root / name))
 
     def __repr__(self) -> str:
         return (f"ImageFolderDataset(root={str(self.root)!r}, split={self.split!r}, files={len(self.files)}, "

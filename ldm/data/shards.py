@@ -37,7 +37,6 @@ from ldm.data.common import (
     check_choice,
     check_resolution,
     make_sample,
-    open_image,
     stable_hash,
     with_label,
 )
@@ -255,7 +254,7 @@ class WebDatasetImages(IterableDataset):
             self.bad.failed(name, f"no image member (looked for {list(IMAGE_KEYS)}, found {found})")
             return None
         try:
-            image = self.transform(open_image(io.BytesIO(raw[ext]), self.transform.resolution))
+            image = self.transform.load(io.BytesIO(raw[ext]))
             meta = json.loads(raw["json"]) if "json" in raw else {}
             if "txt" in raw:
                 caption = raw["txt"].decode("utf-8").strip()
