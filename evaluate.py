@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.checkpoint import build_autoencoder, build_latent_diffusion
 from ldm.cli import check_arguments, user_errors
+from ldm.config_checks import check_eval_data
 from ldm.data.common import check_resolution
 from ldm.data.datamodules import canonical_dataset
 from ldm.data.shapes import ShapesDataset
@@ -67,6 +68,7 @@ def pick_task(cfg: DictConfig) -> tuple[str, dict[str, Any] | None]:
     if cfg.ckpt is None:
         raise ValueError("pass ckpt=<checkpoint written by train.py> (stage 1 or 2), or task=fid real=... fake=...")
     ckpt = read_any(cfg.ckpt, autoencoder_preset=cfg.autoencoder_preset)  # ours, an export, or a pretrained VAE
+    check_eval_data(cfg, ckpt)
     stage = ckpt["ldm"]["stage"]
     if stage not in TASKS:
         raise ValueError(f"ckpt={cfg.ckpt} holds a U-Net only: evaluate a stage-2 checkpoint (with its autoencoder) "

@@ -9,7 +9,7 @@ first stages are small VQ autoencoders (|Z| and c per f as in Table 13, scaled d
 segments of `eval_every` steps (each a `resume=auto` continuation, which equals one longer run), and evaluate.py's
 generation FID after each segment (VGG16 features: offline, not comparable with published Inception FIDs).
 
-    python benchmarks/fig6.py --preset gpu --out outputs/fig6           # ~20 min on one H100
+    python benchmarks/fig6.py --preset gpu --out outputs/fig6           # sized for ~25 min on one H100 (not run yet)
     python benchmarks/fig6.py --preset smoke --out /tmp/fig6            # minutes on a CPU: checks the plumbing
 
 Writes ``<out>/fig6.json`` (per f: FID per step, seconds per stage, first-stage reconstruction), ``<out>/fig6.png``
@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # f -> first stage: VQ (ch_mult, c, |Z|) as Table 13's LDM-f rows (c = 2, 3, 4, 8; |Z| scaled down 8x-16x)
 FIRST_STAGES = {2: ([1, 2], 2, 256), 4: ([1, 2, 2], 3, 512), 8: ([1, 2, 2, 4], 4, 1024), 16: ([1, 2, 2, 4, 4], 8, 1024)}
 PRESETS = {
-    "gpu": {"resolution": 64, "images": 20000, "ae_steps": 3000, "ae_batch": 32, "ldm_steps": 6000, "eval_every": 1500,
-            "ldm_batch": 128, "n_fid": 1000, "sample_steps": 50, "device": "gpu", "workers": 6},
+    # sized for one ~25-minute call on an H100 (f = 1 at 32 px: 1,024 attention tokens at the U-Net's top level)
+    "gpu": {"resolution": 32, "images": 20000, "ae_steps": 1500, "ae_batch": 64, "ldm_steps": 3000, "eval_every": 1000,
+            "ldm_batch": 128, "n_fid": 500, "sample_steps": 25, "device": "gpu", "workers": 6},
     "smoke": {"resolution": 32, "images": 64, "ae_steps": 4, "ae_batch": 8, "ldm_steps": 4, "eval_every": 2,
               "ldm_batch": 8, "n_fid": 8, "sample_steps": 2, "device": "cpu", "workers": 0},
 }

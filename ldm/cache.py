@@ -339,7 +339,7 @@ def build_cache(
         manifest = {
             "format": CACHE_FORMAT, "version": CACHE_VERSION, "ldm_version": ldm.__version__,
             "created": (previous or {}).get("created") or now, "updated": now,
-            "autoencoder": {"ckpt_path": None if ckpt_path is None else str(Path(ckpt_path).resolve()),
+            "autoencoder": {"ckpt_path": None if ckpt_path in (None, PIXEL_SPACE) else str(Path(ckpt_path).resolve()),
                             "identity": identity, "config": ckpt["ldm"]["config"].get("autoencoder")},
             "latent_stats": stats, "latent_shape": latent_shape, "dtype": dtype, "resolution": side,
             "precision": precision, "shard_size": shard_size, "world_size": world,
@@ -360,6 +360,10 @@ def build_cache(
         write_json(out_dir / MANIFEST_NAME, manifest)
         log.info("latent cache %s: %s", out_dir, ", ".join(f"{s} {v['num_samples']} samples in {len(v['shards'])} "
                                                             "shards" for s, v in manifest["splits"].items()))
+        for split, entry in manifest["splits"].items():
+            if entry.get("n_bad"):  # unreadable images, broken members or labels: skipped, never cached
+                log.warning("latent cache %s: %d %s sample(s) could not be read and were skipped (n_bad in "
+                            "manifest.json; the dataset's warnings name them)", out_dir, entry["n_bad"], split)
     barrier()
     return json.loads((out_dir / MANIFEST_NAME).read_text())
 

@@ -146,11 +146,23 @@ def check_arguments(name: str, command: str, argv: list[str] | None = None) -> N
     if "-h" in argv or "--help" in argv:
         print(help_text(name, command))
         sys.exit(0)
+    stage2 = "stage=ldm" in argv
     for arg in argv:
         key, _, value = arg.partition("=")
         new = RENAMED.get(name, {}).get(key.lstrip("+~"))
         if new is not None:
-            fail(f"{key.lstrip('+~')}= is no longer a key of {command}: pass {new}={value or '<value>'}")
+            fail(f"{key.lstrip('+~')}= is no longer a key of {command}: pass {new}={value or '<value>'}"
+                 + ("" if stage2 or name != "train" else " (with stage=ldm: it is a stage-2 key)"))
+        if name == "train" and key == "experiment" and not stage2 and _stage2_recipe(value):
+            fail(f"experiment={value} is a stage-2 recipe: add stage=ldm (and autoencoder.pretrained=<stage-1 "
+                 "checkpoint>)")
+
+
+def _stage2_recipe(option: str) -> bool:
+    """Whether configs/experiment/<option>.yaml configures stage 2 (it sets the U-Net or the condition encoder)."""
+    path = CONFIG_DIR / "experiment" / f"{option}.yaml"
+    defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults", []) if path.is_file() else []
+    return any(isinstance(d, dict) and any(k.split()[-1] in ("/unet", "/text_encoder") for k in d) for d in defaults)
 
 
 def _show_traceback() -> bool:
@@ -165,6 +177,7 @@ def user_errors(command: str) -> Callable[[Callable[..., Any]], Callable[..., An
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def task(cfg: Any) -> Any:
+            from hydra.errors import InstantiationException
             from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
             try:
@@ -174,6 +187,11 @@ def user_errors(command: str) -> Callable[[Callable[..., Any]], Callable[..., An
                     raise
                 key = getattr(err, "full_key", None) or "?"
                 fail(f"missing required key {key}: pass {key}=<value> (`{command} --help` describes every key)")
+            except InstantiationException as err:  # a constructor refused a value: name the config section
+                if _show_traceback() or not isinstance(err.__cause__, USER_ERRORS):
+                    raise
+                where = getattr(err, "full_key", None) or str(err).partition("full_key: ")[2].strip() or "config"
+                fail(f"{where}: {err.__cause__}\n(set LDM_TRACEBACK=1 for the traceback)")
             except (*USER_ERRORS, OmegaConfBaseException) as err:
                 if _show_traceback():
                     raise

@@ -96,8 +96,9 @@ def _autoencoder_problems(cfg: DictConfig) -> list[str]:
     vq_model = str(cfg.autoencoder.get("_target_", "")).endswith(".VQModel")
     vq_loss = str(cfg.loss.get("_target_", "")).endswith(".VQAutoencoderLoss")
     if vq_model != vq_loss:
-        problems.append(f"loss={'autoencoder' if vq_loss else 'autoencoder_vq'} goes with a "
-                        f"{'VQ' if vq_model else 'KL'} autoencoder ({cfg.autoencoder._target_}); pass "
+        problems.append(f"a {'VQ' if vq_model else 'KL'} autoencoder ({cfg.autoencoder._target_}) is trained with "
+                        f"loss={'autoencoder_vq' if vq_model else 'autoencoder'}, not with the "
+                        f"{'KL' if vq_model else 'VQ'} loss ({cfg.loss._target_}): pass "
                         f"loss={'autoencoder_vq' if vq_model else 'autoencoder'}")
     return problems
 
@@ -138,6 +139,23 @@ def check_labels(cfg: DictConfig, text_encoder, dataset, what: str) -> None:
         label = json.loads(sample.get("attributes") or "{}").get("label")
     if label is None:
         raise ValueError(f"text_encoder=class conditions on class labels, but {what} carry none (data="
-                         f"{OmegaConf.select(cfg, 'data.dataset._target_')}). Use labelled data (data=fashion_mnist, or data.dataset.labels=subfolder for a folder with one subfolder per class)"
+                         f"{OmegaConf.select(cfg, 'data.dataset._target_')}). Use labelled data (data=fashion_mnist; data.dataset.labels=subfolder for a folder with one subfolder per class; "
+                         "data.dataset.labels=shape data.dataset.max_shapes=1 for shapes)"
                          ", or a text encoder that reads captions (text_encoder=transformer_small, minilm, ...) or "
                          "none (unconditional)")
+
+
+def check_eval_data(cfg: DictConfig, ckpt: dict) -> None:
+    """evaluate.py measures on ``data`` (default ``shapes``): a checkpoint trained on other images is evaluated on
+    them only when the command names its data (``data=...`` or ``data.*``), never by the default."""
+    stored = ((ckpt["ldm"].get("config") or {}).get("data") or {}).get("dataset") or {}
+    trained, reading = stored.get("_target_"), OmegaConf.select(cfg, "data.dataset._target_")
+    if trained is None or trained == reading or not HydraConfig.initialized():
+        return
+    overrides = HydraConfig.get().overrides.task
+    if any(o.lstrip("+~").split("=")[0].split(".")[0] == "data" for o in overrides):
+        return
+    where = f" (root {stored['root']})" if stored.get("root") else ""
+    raise ValueError(f"ckpt={cfg.ckpt} was trained on {trained}{where}, but evaluate.py would measure it on {reading} "
+                     f"(its default data): pass the data to evaluate on, e.g. data=folder data.dataset.root=<images> "
+                     f"(data=shapes to measure it on shapes after all)")

@@ -89,6 +89,11 @@ def build_ldm_stage(cfg: DictConfig, config: dict):
                          "stage 2 needs a stage-1 (autoencoder) checkpoint or a pretrained autoencoder")
     autoencoder, stats = build_autoencoder(ae_ckpt)
     spec = architecture(OmegaConf.to_container(cfg.unet, resolve=True))
+    c = autoencoder.latent_channels  # before the cache is built: a wrong U-Net width is named at once
+    if (spec.get("in_channels"), spec.get("out_channels")) != (c, c):
+        raise ValueError(f"unet.in_channels={spec.get('in_channels')} and unet.out_channels={spec.get('out_channels')}, "
+                         f"but the autoencoder's latents have {c} channels: set unet.in_channels={c} "
+                         f"unet.out_channels={c}")
     # read (and checked) before any work; copied into the configured U-Net below
     with torch.random.fork_rng():  # its throwaway initialisation must not shift the seeded ones below
         pretrained_unet = load_unet(unet_source, preset=spec) if unet_source is not None else None

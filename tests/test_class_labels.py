@@ -68,7 +68,7 @@ def test_images_outside_the_class_folders_and_unknown_label_sources_are_named(tm
     (root / "stray.png").write_bytes(_png(99))
     with pytest.raises(ValueError, match=r"labels=subfolder needs every image in a class subfolder.*stray\.png"):
         ImageFolderDataset(root, labels="subfolder")
-    with pytest.raises(ValueError, match="labels='folders' is not supported; choose null or subfolder"):
+    with pytest.raises(ValueError, match=r"labels='folders' \(data.dataset.labels\) is not supported; choose null or subfolder"):
         ImageFolderDataset(root, labels="folders")
 
 

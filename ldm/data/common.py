@@ -187,6 +187,8 @@ def make_sample(image: Tensor, caption: str, attributes: str | dict | None, key:
 def with_label(attributes: str | None, label: int, name: str | None = None) -> str:
     """Attribute JSON text with the class ``label`` (and its ``class_name``) added: where every ldm dataset keeps
     a sample's class (the latent cache and ``text_encoder=class`` read ``attributes["label"]``)."""
+    if int(label) < 0:
+        raise ValueError(f"class label {label} is negative: labels are class indices 0, 1, 2, ...")
     merged = json.loads(attributes) if attributes else {}
     if not isinstance(merged, dict):
         merged = {"value": merged}

@@ -49,7 +49,7 @@ def class_folders(root: Path, files: Sequence[str]) -> list[str]:
     loose = [f for f in files if "/" not in f]
     if loose:
         raise ValueError(f"labels=subfolder needs every image in a class subfolder of {root}, but {len(loose)} lie in "
-                         f"it directly (e.g. {loose[:3]}): move them into a class folder or use labels=null")
+                         f"it directly (e.g. {loose[:3]}): move them into a class folder or use data.dataset.labels=null")
     return sorted({f.split("/", 1)[0] for f in files})
 
 
@@ -156,7 +156,7 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root).expanduser()
         self.split = check_choice("split", split, SPLITS)
         if labels not in LABEL_SOURCES:
-            raise ValueError(f"labels={labels!r} is not supported; choose null or subfolder")
+            raise ValueError(f"labels={labels!r} (data.dataset.labels) is not supported; choose null or subfolder")
         self.val_fraction = check_fraction("val_fraction", val_fraction)
         # Augmentation is for training only: evaluation must see the same pixels every epoch.
         train = split == "train"

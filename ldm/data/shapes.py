@@ -222,7 +222,7 @@ class ShapesDataset(Dataset):
         self.seed = int(seed)
         self.min_shapes, self.max_shapes = int(min_shapes), int(max_shapes)
         if labels not in (None, "shape"):
-            raise ValueError(f"labels={labels!r} is not supported; choose null or shape")
+            raise ValueError(f"labels={labels!r} (data.dataset.labels) is not supported; choose null or shape")
         if labels == "shape" and self.max_shapes != 1:
             raise ValueError(f"labels=shape labels each image by its shape's kind, so it needs one shape per image: "
                              f"set max_shapes=1 (got {self.max_shapes})")

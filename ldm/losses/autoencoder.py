@@ -154,6 +154,8 @@ class VQAutoencoderLoss(FirstStageLoss):
                  disc_factor: float = 1.0, disc_loss: str = "hinge", adaptive: bool = True) -> None:
         super().__init__(discriminator, perceptual, disc_start, perceptual_weight, disc_weight, disc_factor,
                          disc_loss, adaptive)
+        if codebook_weight < 0:
+            raise ValueError(f"codebook_weight must be >= 0, got {codebook_weight}")
         self.codebook_weight = codebook_weight
 
     def fit(self, rec: Tensor, quantized: Quantized, batch: int):

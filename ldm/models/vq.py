@@ -83,6 +83,8 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"n_embed must be >= 2 and embed_dim >= 1, got {n_embed} and {embed_dim}")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or null, got {ema_decay}")
+        if beta < 0 or restart_threshold < 0:
+            raise ValueError(f"beta and restart_threshold must be >= 0, got {beta} and {restart_threshold}")
         self.n_embed, self.embed_dim, self.beta, self.legacy = int(n_embed), int(embed_dim), float(beta), legacy
         self.ema_decay, self.restart_threshold = ema_decay, float(restart_threshold)
         self.embedding = nn.Embedding(self.n_embed, self.embed_dim)
