@@ -139,7 +139,8 @@ def check_labels(cfg: DictConfig, text_encoder, dataset, what: str) -> None:
         label = json.loads(sample.get("attributes") or "{}").get("label")
     if label is None:
         raise ValueError(f"text_encoder=class conditions on class labels, but {what} carry none (data="
-                         f"{OmegaConf.select(cfg, 'data.dataset._target_')}). Use labelled data (data=fashion_mnist; data.dataset.labels=subfolder for a folder with one subfolder per class; "
+                         f"{OmegaConf.select(cfg, 'data.dataset._target_')}). Use labelled data (data=fashion_mnist; "
+                         "data.dataset.labels=subfolder for a folder with one subfolder per class; "
                          "data.dataset.labels=shape data.dataset.max_shapes=1 for shapes)"
                          ", or a text encoder that reads captions (text_encoder=transformer_small, minilm, ...) or "
                          "none (unconditional)")

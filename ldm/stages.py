@@ -91,9 +91,9 @@ def build_ldm_stage(cfg: DictConfig, config: dict):
     spec = architecture(OmegaConf.to_container(cfg.unet, resolve=True))
     c = autoencoder.latent_channels  # before the cache is built: a wrong U-Net width is named at once
     if (spec.get("in_channels"), spec.get("out_channels")) != (c, c):
-        raise ValueError(f"unet.in_channels={spec.get('in_channels')} and unet.out_channels={spec.get('out_channels')}, "
-                         f"but the autoencoder's latents have {c} channels: set unet.in_channels={c} "
-                         f"unet.out_channels={c}")
+        raise ValueError(f"unet.in_channels={spec.get('in_channels')} and unet.out_channels="
+                         f"{spec.get('out_channels')}, but the autoencoder's latents have {c} channels: set "
+                         f"unet.in_channels={c} unet.out_channels={c}")
     # read (and checked) before any work; copied into the configured U-Net below
     with torch.random.fork_rng():  # its throwaway initialisation must not shift the seeded ones below
         pretrained_unet = load_unet(unet_source, preset=spec) if unet_source is not None else None
@@ -121,10 +121,6 @@ def build_ldm_stage(cfg: DictConfig, config: dict):
         strict_load(unet, pretrained_unet.state_dict(), f"unet.pretrained={unet_source}")
         del pretrained_unet
         log.info("U-Net initialised from %s", unet_source)
-    if unet.in_channels != latent_shape[0]:
-        raise ValueError(f"unet.in_channels={unet.in_channels} but the autoencoder's latents have "
-                         f"{latent_shape[0]} channels; set unet.in_channels={latent_shape[0]} unet.out_channels="
-                         f"{latent_shape[0]}")
     meta = {"autoencoder": {"ckpt_path": ae_source, "identity": identity,
                             "config": ae_ckpt["ldm"]["config"]["autoencoder"]},
             "cache": {"path": str(cache_dir), "created": manifest.get("created")}}
