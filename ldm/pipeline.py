@@ -85,10 +85,16 @@ def resolve_sampling(steps: Any, cfg_scale: Any, sampler_steps: Any, sampler_cfg
 def condition_inputs(text_encoder: nn.Module, prompts: Sequence[Any], device: torch.device) -> Any:
     """Prompts as the encoder wants them: a list of captions, or a LongTensor of class labels."""
     if getattr(text_encoder, "input_key", "caption") == "label":
+        n = int(text_encoder.num_classes)
         try:
-            return torch.tensor([int(p) for p in prompts], dtype=torch.long, device=device)
+            labels = [int(p) for p in prompts]
         except (TypeError, ValueError) as e:
-            raise ValueError(f"this model is class-conditional: prompts must be class indices, got {list(prompts)!r}") from e
+            raise ValueError(f"this model is class-conditional: prompts must be class indices 0..{n - 1}, got "
+                             f"{list(prompts)!r}") from e
+        if bad := [label for label in labels if not 0 <= label < n]:
+            raise ValueError(f"class prompts {bad} are outside this model's classes 0..{n - 1} (its training data's "
+                             "classes.json names them); guidance supplies the unconditional sample itself")
+        return torch.tensor(labels, dtype=torch.long, device=device)
     return [str(p) for p in prompts]
 
 

@@ -77,3 +77,16 @@ def test_evaluate_refuses_to_measure_a_checkpoint_on_other_data_by_default(stage
     cfg = compose_eval(base + VAL, tmp_path)
     evaluate.check_eval_data(cfg, ckpt)
     assert json.loads(json.dumps(cfg.data.dataset._target_)) == "ldm.data.shapes.ShapesDataset"
+
+
+def test_class_prompts_outside_the_models_classes_are_named():
+    from ldm.models.text_encoders import ClassEncoder
+    from ldm.pipeline import condition_inputs
+
+    encoder = ClassEncoder(num_classes=3, context_dim=8)
+    assert condition_inputs(encoder, [0, "2"], torch.device("cpu")).tolist() == [0, 2]
+    for prompts in ([3], [-1, 0]):  # 3 is the null class: guidance's own, not a prompt
+        with pytest.raises(ValueError, match=r"class prompts \[(3|-1)\] are outside this model's classes 0..2"):
+            condition_inputs(encoder, prompts, torch.device("cpu"))
+    with pytest.raises(ValueError, match="prompts must be class indices 0..2, got \\['a cat'\\]"):
+        condition_inputs(encoder, ["a cat"], torch.device("cpu"))
