@@ -9,8 +9,13 @@ first stages are small VQ autoencoders (|Z| and c per f as in Table 13, scaled d
 segments of `eval_every` steps (each a `resume=auto` continuation, which equals one longer run), and evaluate.py's
 generation FID after each segment (VGG16 features: offline, not comparable with published Inception FIDs).
 
-    python benchmarks/fig6.py --preset gpu --out outputs/fig6           # sized for ~25 min on one H100 (not run yet)
-    python benchmarks/fig6.py --preset smoke --out /tmp/fig6            # minutes on a CPU: checks the plumbing
+    python benchmarks/fig6.py --preset gpu --out outputs/fig6 --deadline 540   # one H100, the factors side by side
+    python benchmarks/fig6.py --preset smoke --out /tmp/fig6                   # minutes on a CPU: checks the plumbing
+
+The factors run side by side (``--jobs``, default all of them), each its own chain of processes on the one GPU, so
+their seconds are wall-clock under shared load: compare them with each other, not with a run alone.
+``--deadline`` (seconds) stops starting new segments once passed and reports what finished; a second call with the
+same ``--out`` continues where the first stopped.
 
 Writes ``<out>/fig6.json`` (per f: FID per step, seconds per stage, first-stage reconstruction), ``<out>/fig6.png``
 and ``<out>/fig6.md`` (the table for docs/results.md).
@@ -23,16 +28,19 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # f -> first stage: VQ (ch_mult, c, |Z|) as Table 13's LDM-f rows (c = 2, 3, 4, 8; |Z| scaled down 8x-16x)
 FIRST_STAGES = {2: ([1, 2], 2, 256), 4: ([1, 2, 2], 3, 512), 8: ([1, 2, 2, 4], 4, 1024), 16: ([1, 2, 2, 4, 4], 8, 1024)}
 PRESETS = {
-    # sized for one ~25-minute call on an H100 (f = 1 at 32 px: 1,024 attention tokens at the U-Net's top level)
-    "gpu": {"resolution": 32, "images": 20000, "ae_steps": 1500, "ae_batch": 64, "ldm_steps": 3000, "eval_every": 1000,
-            "ldm_batch": 128, "n_fid": 500, "sample_steps": 25, "device": "gpu", "workers": 6},
+    # sized for one 10-minute call on an H100, five factors side by side (f = 1 at 32 px: 1,024 attention tokens at
+    # the U-Net's top level)
+    "gpu": {"resolution": 32, "images": 20000, "ae_steps": 800, "ae_batch": 64, "ldm_steps": 1500, "eval_every": 500,
+            "ldm_batch": 128, "n_fid": 500, "sample_steps": 25, "device": "gpu", "workers": 2},
     "smoke": {"resolution": 32, "images": 64, "ae_steps": 4, "ae_batch": 8, "ldm_steps": 4, "eval_every": 2,
               "ldm_batch": 8, "n_fid": 8, "sample_steps": 2, "device": "cpu", "workers": 0},
 }
@@ -46,7 +54,7 @@ def run(cmd: list[str], log: Path) -> float:
         fh.flush()
         proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        raise SystemExit(f"failed (exit {proc.returncode}): {' '.join(cmd)}; see {log}")
+        raise RuntimeError(f"failed (exit {proc.returncode}): {' '.join(cmd)}; see {log}")
     return time.perf_counter() - start
 
 
@@ -97,8 +105,8 @@ def fid(f: int, step: int, p: dict, out: Path, log: Path) -> float:
     eval_dir = out / f"eval_f{f}" / f"step{step:07d}"
     cmd = ["evaluate.py", f"ckpt={out / f'ldm_f{f}' / 'checkpoints' / 'last.ckpt'}", "task=generation",
            f"n_samples={p['n_fid']}", "extractor=vgg16", "sampler=ddim", f"steps={p['sample_steps']}", "cfg_scale=1.5",
-           "alignment=false", f"out_dir={eval_dir}", f"results_csv={out / 'results.csv'}",
-           f"stats_dir={out / 'fid_stats'}", "batch_size=64", "progress=false", "overwrite=true",
+           "alignment=false", f"out_dir={eval_dir}", f"results_csv={out / f'results_f{f}.csv'}",
+           f"stats_dir={out / f'fid_stats_f{f}'}", "batch_size=125", "progress=false", "overwrite=true",
            "device=cuda" if p["device"] == "gpu" else "device=cpu", *data_args(p)]
     run(cmd, log)
     return float(json.loads((eval_dir / "results.json").read_text())["metrics"]["fid"])
@@ -109,25 +117,50 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "fig6")
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--jobs", type=int, default=0, help="factors run at once (0: all)")
+    parser.add_argument("--deadline", type=float, default=0, help="seconds after which no new segment starts (0: none)")
     args = parser.parse_args()
     p, out = PRESETS[args.preset], args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("LDM_OFFLINE", "1")
     results = json.loads((out / "fig6.json").read_text()) if (out / "fig6.json").is_file() else {
         "preset": args.preset, "settings": p, "runs": {}}
-    for f in args.factors:
-        entry = results["runs"].setdefault(str(f), {"fid": {}, "stage1_seconds": 0.0, "stage2_seconds": 0.0})
+    lock, started = threading.Lock(), time.monotonic()
+
+    def save() -> None:
+        with lock:
+            (out / "fig6.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    def in_time() -> bool:
+        return not args.deadline or time.monotonic() - started < args.deadline
+
+    def one_factor(f: int) -> None:
+        with lock:
+            entry = results["runs"].setdefault(str(f), {"fid": {}, "stage1_seconds": 0.0, "stage2_seconds": 0.0})
         log = out / f"f{f}.log"
         source, seconds = first_stage(f, p, out, log)
         entry["stage1_seconds"] += round(seconds, 1)
         for step in range(p["eval_every"], p["ldm_steps"] + 1, p["eval_every"]):
             if str(step) in entry["fid"]:
                 continue
+            if not in_time():
+                print(f"f={f}: deadline passed before step {step}", flush=True)
+                return
             entry["stage2_seconds"] += round(stage2_segment(f, source, step, p, out, log), 1)
             entry["fid"][str(step)] = fid(f, step, p, out, log)
-            print(f"f={f} step={step} FID={entry['fid'][str(step)]:.2f}", flush=True)
-            (out / "fig6.json").write_text(json.dumps(results, indent=2) + "\n")
+            print(f"[{time.monotonic() - started:.0f} s] f={f} step={step} FID={entry['fid'][str(step)]:.2f}",
+                  flush=True)
+            save()
+
+    with ThreadPoolExecutor(max_workers=args.jobs or len(args.factors)) as pool:
+        failures = [(f, job.exception()) for f, job in
+                    [(f, pool.submit(one_factor, f)) for f in args.factors] if job.exception()]
+    save()
     write_report(results, out)
+    for f, error in failures:
+        print(f"f={f} failed: {error}", file=sys.stderr)
+    if failures:
+        raise SystemExit(1)
 
 
 def write_report(results: dict, out: Path) -> None:

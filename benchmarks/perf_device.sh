@@ -9,11 +9,15 @@
 #   stage1_eager|stage1_compiled   train.py experiment=paper/kl_f8 at 256², batch 16, full loss (GAN from step 0)
 #   stage1_vq_f8       train.py experiment=paper/vq_f8 on `shapes` at 256² as the recipe says (batch 10, GAN from
 #                      step 1), STEPS_VQ steps, validation every half: losses, codebook usage, perplexity, PSNR
+#   fig6               benchmarks/fig6.py --preset gpu (the factors side by side) into /tmp/fig6, new segments until 150 s
+#                      before the limit; fig6.md/png to $OUT, the rest (json, logs, grids; no checkpoints) in fig6.tgz
 #   small_eager_old|small_eager_new|small_compiled_new|sd15_eager_old|sd15_eager_new|sd15_compiled_new
 #                      benchmarks/train_vs_loop.py (loop and train.py alternating, --repeats), old = $BASE
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site || exit 1
+# installed once per machine: a second invocation beside a running one leaves the packages in place
+PYTHONPATH=/tmp/site python3 -c 'import hydra, lpips, webdataset' 2>/dev/null || python3 -m pip install -q --no-index \
+  --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
 export LDM_OFFLINE=1 PYTHONUNBUFFERED=1 LDM_CACHE_DIR=$PWD/.carry/lpips16
 mkdir -p /tmp/bin && ln -sf "$(command -v python3)" /tmp/bin/python && export PATH=/tmp/bin:$PATH
 START=$(date +%s); LIMIT=${LIMIT:-580}; BASE=${BASE:-.carry/base}
@@ -45,6 +49,11 @@ for job in "$@"; do
       cp /tmp/s1/$job/perf.json $OUT/$job.perf.json 2>/dev/null
       cp /tmp/s1/$job/csv/*/metrics.csv $OUT/$job.metrics.csv 2>/dev/null
       cp /tmp/s1/$job/images/*.png $OUT/ 2>/dev/null;;
+    fig6) timeout $(( left - 5 )) python3 benchmarks/fig6.py --preset gpu --out /tmp/fig6 --deadline $(( left - 150 )) \
+        > $OUT/fig6.log 2>&1
+      cp /tmp/fig6/fig6.md /tmp/fig6/fig6.png $OUT/ 2>/dev/null
+      tar czf $OUT/fig6.tgz -C /tmp --exclude='*.ckpt' --exclude=images --exclude='cache_f*' --exclude='fid_stats*' \
+        --exclude='*.pt' --exclude='*.safetensors' fig6;;
     small_eager_*) a="--preset small --modes eager --variants all_fixes --steps 40 --repeats 2";;
     small_compiled_*) a="--preset small --modes compiled --compiled-variants all_fixes --steps 40 --repeats 2";;
     sd15_eager_*) a="--preset sd15 --modes eager --variants all_fixes --steps 15 --repeats ${REPEATS:-2}";;
