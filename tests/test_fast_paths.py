@@ -197,3 +197,44 @@ def test_stage1_compiled_trains_like_eager_with_the_same_checkpoint_keys(tmp_pat
                                rtol=0.05, atol=0.02)
     keys = [load_torch_file(tmp_path / str(c) / "checkpoints" / "last.ckpt")["state_dict"].keys() for c in (False, True)]
     assert keys[0] == keys[1]
+
+
+def _channels_last_runs(base: list[str], tmp_path, name: str) -> dict[bool, dict]:
+    from ldm.checkpoint import load_torch_file
+
+    runs = {}
+    for cl in (False, True):
+        metrics = train.train(compose_train([*base, f"module.channels_last={str(cl).lower()}"],
+                                            output_dir=tmp_path / f"{name}{cl}"))
+        state = load_torch_file(tmp_path / f"{name}{cl}" / "checkpoints" / "last.ckpt")["state_dict"]
+        runs[cl] = {"metrics": metrics, "state": state}
+    return runs
+
+
+def test_channels_last_training_matches_the_default_layout(stage1_ckpt, tmp_path):
+    """module.channels_last=true (NHWC weights and activations) for both stages trains like the default layout (other
+    convolution kernels: other summation orders), and its checkpoints hold the same keys and values a default-layout
+    module loads."""
+    from test_train_stage2 import TINY_LDM
+
+    stage1 = _channels_last_runs([*TINY_RUN, "trainer.max_steps=1", "loss.disc_start=0"], tmp_path, "s1_")
+    stage2 = _channels_last_runs([*TINY_LDM, "trainer.max_steps=3", f"autoencoder.pretrained={stage1_ckpt}",
+                                  f"cache_dir={tmp_path}/cache"], tmp_path, "s2_")
+    for runs, loss, lr, steps in ((stage1, "train/rec_loss", 3e-3, 1), (stage2, "train/loss", 1e-4, 3)):
+        torch.testing.assert_close(torch.tensor(runs[True]["metrics"][loss]),
+                                   torch.tensor(runs[False]["metrics"][loss]), rtol=1e-3, atol=1e-4)
+        assert runs[True]["state"].keys() == runs[False]["state"].keys()
+        near = total = 0
+        for key, value in runs[False]["state"].items():
+            if not value.is_floating_point():
+                continue
+            # Adam's first updates are about +-lr per element whatever the gradient's size, so a gradient that is
+            # rounding noise (a bias before a normalisation, an attention key bias: zero in exact arithmetic) moves
+            # its weight by +-lr in either layout
+            diff = (runs[True]["state"][key] - value).abs()
+            assert diff.max() <= 2 * lr * steps + 1e-5, key
+            if value.ndim >= 2:
+                near, total = near + int((diff <= 1e-4 + 1e-3 * value.abs()).sum()), total + value.numel()
+        assert near >= 0.98 * total, f"{loss}: {near} of {total} weights agree"
+    conv = next(v for k, v in stage2[True]["state"].items() if v.ndim == 4 and v.shape[1] > 1 and v.shape[2] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last)  # the layout did change

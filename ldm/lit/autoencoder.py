@@ -51,6 +51,8 @@ class AutoencoderModule(pl.LightningModule):
         compile: ``torch.compile`` the training graph's parts in place (checkpoint keys unchanged): the encoder, the
             decoder, the LPIPS network and the discriminator. The posterior sample and the losses' small glue
             stay eager.
+        channels_last: keep the convolution weights and the training activations in NHWC (``torch.channels_last``),
+            the layout cuDNN's bf16 kernels work in, instead of converting around every convolution.
         latent_stats: set after training (scale and per-channel mean/std); stored in checkpoints.
     """
 
@@ -73,9 +75,15 @@ class AutoencoderModule(pl.LightningModule):
         max_consecutive_skips: int = 20,
         history: list[dict[str, Any]] | None = None,
         compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:  # before the EMA copy, which then has the same layout (one kernel per EMA update)
+            for part in (autoencoder, loss.perceptual, loss.discriminator):
+                if part is not None:
+                    part.to(memory_format=torch.channels_last)
         self.autoencoder = autoencoder
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -147,7 +155,7 @@ class AutoencoderModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()
-        x = batch["image"]
+        x = batch["image"].contiguous(memory_format=self.memory_format)
         step = self.global_step  # generator updates so far
         do_step = (batch_idx + 1) % self.accumulate == 0
 

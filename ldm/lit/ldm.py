@@ -46,6 +46,8 @@ class LatentDiffusionModule(pl.LightningModule):
             (autoencoder identity, cache manifest summary).
         seed: the posterior/noise/timestep/dropout draws are a pure function of (seed, rank, step, batch).
         compile: ``torch.compile`` the U-Net (in place, so checkpoint keys do not change).
+        channels_last: keep the U-Net's convolution weights and activations in NHWC (``torch.channels_last``), the
+            layout cuDNN's bf16 kernels work in, instead of converting around every convolution.
         gradient_clip_val: clip the global grad norm (0/None: off); done here, with the non-finite check.
         max_consecutive_skips: stop the run after this many steps in a row with a non-finite loss or gradients
             (each is skipped: ``ldm.lit.resilience.StepGuard``).
@@ -76,6 +78,7 @@ class LatentDiffusionModule(pl.LightningModule):
         gradient_clip_val: float | None = None,
         max_consecutive_skips: int = 20,
         history: list[dict[str, Any]] | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= p_uncond < 1.0:
@@ -97,6 +100,9 @@ class LatentDiffusionModule(pl.LightningModule):
         self.run_config = run_config or {}
         self.meta = meta or {}
         self.seed = int(seed)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:  # before the EMA copy, which then has the same layout
+            unet.to(memory_format=torch.channels_last)
         self.unet_ema = copy.deepcopy(unet).eval().requires_grad_(False) if ema_decay else None
         self.ema_decay = ema_decay
         self.gradient_clip_val = gradient_clip_val
@@ -147,7 +153,8 @@ class LatentDiffusionModule(pl.LightningModule):
         z = normalize_latents(z, self.latent_stats, self.latent_norm)
         keep = torch.rand(z.shape[0], generator=gen, device=z.device) >= p_uncond
         cond = training_condition(self.text_encoder, batch, keep)
-        return self.loss(lambda x, t: unet(x, t, **cond), z, generator=gen)
+        fmt = self.memory_format
+        return self.loss(lambda x, t: unet(x.contiguous(memory_format=fmt), t, **cond), z, generator=gen)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self.guard.begin_step(self)
