@@ -7,6 +7,7 @@
 # JOBs:
 #   gpu_tests          pytest -m gpu on the guard, fast-path and stage-2 mixed-precision tests
 #   stage1_eager|stage1_compiled   train.py experiment=paper/kl_f8 at 256², batch 16, full loss (GAN from step 0)
+#   <job>_cl           any stage1/small/sd15 job with module.channels_last=true (train.py and the loop alike)
 #   stage1_vq_f8       train.py experiment=paper/vq_f8 on `shapes` at 256² as the recipe says (batch 10, GAN from
 #                      step 1), STEPS_VQ steps, validation every half: losses, codebook usage, perplexity, PSNR
 #   fig6               benchmarks/fig6.py --preset gpu (the factors side by side) into /tmp/fig6, new segments until 150 s
@@ -31,15 +32,16 @@ for job in "$@"; do
   if [ $left -lt 45 ]; then echo "$job skipped: $left s left"; continue; fi
   echo "[$(( $(date +%s) - START )) s] $job starts ($left s left)"
   root=$PWD; case $job in *_old) root=$(cd "$BASE" && pwd);; esac
+  cl=false; case $job in *_cl) cl=true;; esac
   case $job in
     gpu_tests) timeout $(( left - 5 )) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_step_guard.py \
         tests/test_fast_paths.py tests/test_train_stage2.py > $OUT/$job.log 2>&1;;
-    stage1_*) c=false; [ $job = stage1_compiled ] && c=true
+    stage1_eager*|stage1_compiled*) c=false; case $job in stage1_compiled*) c=true;; esac
       timeout $(( left - 5 )) python3 train.py run_name=$job experiment=paper/kl_f8 data=shapes trainer=gpu \
         data.num_workers=14 batch_size=16 module.scale_lr=false module.base_learning_rate=1e-4 loss.disc_start=0 \
         trainer.max_steps=$STEPS1 trainer.limit_val_batches=0 trainer.num_sanity_val_steps=0 \
         trainer.val_check_interval=100000 trainer.check_val_every_n_epoch=null latent_stats_images=16 \
-        callbacks.throughput.warmup=30 module.compile=$c trainer.enable_progress_bar=false \
+        callbacks.throughput.warmup=30 module.compile=$c module.channels_last=$cl trainer.enable_progress_bar=false \
         hydra.run.dir=/tmp/s1/$job > $OUT/$job.log 2>&1
       cp /tmp/s1/$job/perf.json $OUT/$job.perf.json 2>/dev/null;;
     stage1_vq_f8) timeout $(( left - 5 )) python3 train.py run_name=$job experiment=paper/vq_f8 data=shapes \
@@ -60,6 +62,7 @@ for job in "$@"; do
     sd15_compiled_*) a="--preset sd15 --modes compiled --compiled-variants all_fixes --steps 15 --repeats ${REPEATS:-2}";;
   esac
   case $job in small_*|sd15_*)
+    [ $cl = true ] && a="$a --train-override module.channels_last=true"
     TVL_ROOT=$root timeout $(( left - 5 )) python3 $S $a $C --deadline $(( left - 40 )) --out $OUT/$job.json \
       >> $OUT/$job.log 2>&1;;
   esac

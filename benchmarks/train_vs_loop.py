@@ -427,6 +427,9 @@ class Loop:
             self.text_encoder = instantiate(cfg.text_encoder)
         self.unet.train()
         self.text_encoder.train()
+        # module.channels_last (--train-override module.channels_last=true): NHWC weights and U-Net inputs
+        self.memory_format = torch.channels_last if cfg.module.get("channels_last") else torch.contiguous_format
+        self.unet.to(memory_format=self.memory_format)
         self.ema = copy.deepcopy(self.unet).eval().requires_grad_(False)
         if compiled:
             self.unet.compile()  # as LatentDiffusionModule(compile=True): in place
@@ -518,7 +521,9 @@ class Loop:
                 z = ldm_module.normalize_latents(z, self.stats, self.latent_norm)
                 keep = torch.rand(z.shape[0], generator=gen, device=z.device) >= self.p_uncond
                 cond = condition(batch, keep)
-                loss, _ = self.loss_fn(lambda x, t: self.unet(x, t, **cond), z, generator=gen)
+                fmt = self.memory_format
+                loss, _ = self.loss_fn(lambda x, t: self.unet(x.contiguous(memory_format=fmt), t, **cond), z,
+                                       generator=gen)
                 loss = ldm_module.poison_if_not_finite(loss)
             with record_function("loop.zero_grad"):
                 opt.zero_grad(set_to_none=True)
