@@ -10,7 +10,7 @@
 #   <job>_cl           any stage1/small/sd15 job with module.channels_last=true (train.py and the loop alike)
 #   stage1_vq_f8       train.py experiment=paper/vq_f8 on `shapes` at 256² as the recipe says (batch 10, GAN from
 #                      step 1), STEPS_VQ steps, validation every half: losses, codebook usage, perplexity, PSNR
-#   fig6               benchmarks/fig6.py --preset gpu (the factors side by side) into /tmp/fig6, new segments until 150 s
+#   fig6               benchmarks/fig6.py --preset gpu (the factors side by side) into /tmp/fig6, segments that end 20 s
 #                      before the limit; fig6.md/png to $OUT, the rest (json, logs, grids; no checkpoints) in fig6.tgz
 #   small_eager_old|small_eager_new|small_compiled_new|sd15_eager_old|sd15_eager_new|sd15_compiled_new
 #                      benchmarks/train_vs_loop.py (loop and train.py alternating, --repeats), old = $BASE
@@ -51,7 +51,7 @@ for job in "$@"; do
       cp /tmp/s1/$job/perf.json $OUT/$job.perf.json 2>/dev/null
       cp /tmp/s1/$job/csv/*/metrics.csv $OUT/$job.metrics.csv 2>/dev/null
       cp /tmp/s1/$job/images/*.png $OUT/ 2>/dev/null;;
-    fig6) timeout $(( left - 5 )) python3 benchmarks/fig6.py --preset gpu --out /tmp/fig6 --deadline $(( left - 150 )) \
+    fig6) timeout $(( left - 5 )) python3 benchmarks/fig6.py --preset gpu --out /tmp/fig6 --deadline $(( left - 20 )) \
         > $OUT/fig6.log 2>&1
       cp /tmp/fig6/fig6.md /tmp/fig6/fig6.png $OUT/ 2>/dev/null
       tar czf $OUT/fig6.tgz -C /tmp --exclude='*.ckpt' --exclude=images --exclude='cache_f*' --exclude='fid_stats*' \
