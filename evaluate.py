@@ -23,61 +23,19 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.checkpoint import build_autoencoder, build_latent_diffusion
 from ldm.cli import check_arguments, user_errors
-from ldm.config_checks import check_eval_data
+from ldm.config_checks import check_evaluation
 from ldm.data.common import check_resolution
 from ldm.data.datamodules import canonical_dataset
 from ldm.data.shapes import ShapesDataset
 from ldm.distributed import broadcast_object, init_distributed
 from ldm.evaluation import evaluate_generation, evaluate_image_sets, evaluate_reconstruction
-from ldm.evaluation.imagesets import probe_image_set
-from ldm.export import read_any
 from ldm.losses.lpips import build_lpips
 from ldm.metrics.features import build_extractor, resolve_extractor
-from ldm.metrics.results import (
-    PAPER_TABLES,
-    append_results_csv,
-    compare_table,
-    config_hash,
-    flatten_results,
-    write_results,
-)
+from ldm.metrics.results import config_hash, report_results
 from ldm.pipeline import resolve_sampling
 from ldm.runtime import autocast_dtype, resolve_device
 
 log = logging.getLogger("ldm.evaluate")
-TASKS = {"autoencoder": "recon", "ldm": "generation"}  # checkpoint stage -> task
-
-
-def pick_task(cfg: DictConfig) -> tuple[str, dict[str, Any] | None]:
-    """The task and the loaded checkpoint (None for task=fid); wrong settings and combinations stop before any
-    checkpoint, image set or feature extractor is loaded."""
-    if cfg.resolution is not None:
-        check_resolution(cfg.resolution)
-    resolve_sampling(cfg.steps, cfg.cfg_scale, cfg.sampler.steps, cfg.sampler.cfg_scale)
-    if cfg.task not in ("auto", "recon", "generation", "fid"):
-        raise ValueError(f"task={cfg.task!r}: use auto (from the checkpoint), recon, generation or fid")
-    if cfg.compare is not None and cfg.compare not in PAPER_TABLES:
-        raise ValueError(f"compare={cfg.compare!r}: use null or one of {sorted(PAPER_TABLES)}")
-    if cfg.task == "fid":
-        if cfg.real is None or cfg.fake is None:
-            raise ValueError("task=fid compares two image sets: pass real=<folder|shards> fake=<folder|shards>")
-        for name, path in (("real", cfg.real), ("fake", cfg.fake)):
-            if not (name == "real" and str(path).endswith(".npz")):
-                probe_image_set(str(path), name)  # a set without one readable image is named here
-        return "fid", None
-    if cfg.ckpt is None:
-        raise ValueError("pass ckpt=<checkpoint written by train.py> (stage 1 or 2), or task=fid real=... fake=...")
-    ckpt = read_any(cfg.ckpt, autoencoder_preset=cfg.autoencoder_preset)  # ours, an export, or a pretrained VAE
-    check_eval_data(cfg, ckpt)
-    stage = ckpt["ldm"]["stage"]
-    if stage not in TASKS:
-        raise ValueError(f"ckpt={cfg.ckpt} holds a U-Net only: evaluate a stage-2 checkpoint (with its autoencoder) "
-                         "or an autoencoder")
-    if cfg.task not in ("auto", TASKS[stage]):
-        wanted = "a stage-1 (autoencoder)" if cfg.task == "recon" else "a stage-2 (ldm)"
-        raise ValueError(f"task={cfg.task} needs {wanted} checkpoint, but ckpt={cfg.ckpt} is a {stage!r} "
-                         f"checkpoint; use task=auto (here: task={TASKS[stage]})")
-    return TASKS[stage], ckpt
 
 
 def latent_geometry(autoencoder) -> dict[str, int]:
@@ -88,7 +46,7 @@ def latent_geometry(autoencoder) -> dict[str, int]:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     """Run the evaluation ``cfg`` describes; returns the results dict on rank 0 (None on other ranks)."""
-    task, ckpt = pick_task(cfg)
+    task, ckpt = check_evaluation(cfg)
     if task == "recon":  # the images go through the autoencoder: their side must divide by its factor
         autoencoder, _ = build_autoencoder(ckpt)  # the EMA weights when the run kept them, else the raw ones
         if cfg.resolution is not None:
@@ -147,22 +105,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
         return None
     results.update(checkpoint=None if cfg.ckpt is None else str(cfg.ckpt), sampler=sampler, seed=int(cfg.seed),
                    config_hash=config_hash(OmegaConf.to_container(cfg, resolve=True)), out_dir=str(out_dir))
-    report(results, out_dir, cfg.results_csv, cfg.compare)
+    report_results(results, out_dir, cfg.results_csv, cfg.compare)
     return results
-
-
-def report(results: dict[str, Any], out_dir: Path, results_csv: str | None, compare: str | None) -> None:
-    """results.json + results.md in out_dir, one row in the results CSV, and the table on stdout."""
-    _, md_path = write_results(out_dir, results)
-    if results_csv:
-        append_results_csv(results_csv, flatten_results(results))
-    text = md_path.read_text()
-    if compare is not None:
-        table = compare_table(compare, results)
-        (out_dir / f"compare_{compare}.md").write_text(table)
-        text += "\n" + table
-    print(text, flush=True)
-    log.info("results: %s (and results.json); row appended to %s", md_path, results_csv)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")

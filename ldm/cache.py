@@ -38,7 +38,13 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 import ldm
-from ldm.checkpoint import PIXEL_SPACE, build_autoencoder, measure_latent_stats, source_missing
+from ldm.checkpoint import (
+    PIXEL_SPACE,
+    build_autoencoder,
+    read_stage1_checkpoint,
+    source_missing,
+    with_latent_stats,
+)
 from ldm.cli import check_arguments, user_errors
 from ldm.data.common import check_resolution
 from ldm.data.datamodules import canonical_dataset
@@ -71,69 +77,6 @@ STORAGE_DTYPES = ("float16", "float32")
 # precision "auto" is fp32 here (autocast_dtype(..., half_on_auto=False)): cuDNN already runs fp32 convolutions as
 # TF32 on Ampere+ GPUs (fp16's 10-bit mantissa, fp32's range); bf16/fp16 autocast are faster but round activations
 # to 8/11 bits and fp16 can overflow.
-
-# ------------------------------------------------------------------------------------------ loading
-
-def read_stage1_checkpoint(ckpt: str | os.PathLike | Mapping[str, Any], preset: Any = None) -> dict[str, Any]:
-    """A stage-1 checkpoint dict from our training checkpoint or any pretrained autoencoder ``ldm.export``
-    imports (an SD / CompVis file, a diffusers folder; ``preset`` names a CompVis file's architecture).
-
-    Our checkpoints must hold latent statistics (train.py stores them when stage 1 finishes); imported
-    autoencoders come without them (``latent_stats`` None; ``with_latent_stats`` computes them).
-    """
-    from ldm.export import read_any  # the Hydra edge that resolves presets
-
-    where = "the given checkpoint" if isinstance(ckpt, Mapping) else str(ckpt)
-    if not isinstance(ckpt, Mapping):
-        if source_missing(ckpt):
-            raise FileNotFoundError(f"{ckpt} does not exist; give a stage-1 checkpoint, e.g. "
-                                    "outputs/autoencoder/<run>/checkpoints/last.ckpt (written by python train.py), "
-                                    "or a pretrained autoencoder (SD / CompVis file, diffusers folder)")
-        ckpt = read_any(ckpt, autoencoder_preset=preset)
-    stage = ckpt["ldm"].get("stage")
-    if stage != "autoencoder":
-        raise ValueError(f"{where} is a {stage!r} checkpoint; the latent cache needs a stage-1 (autoencoder) "
-                         "checkpoint, e.g. outputs/autoencoder/<run>/checkpoints/last.ckpt")
-    if not ckpt["ldm"].get("latent_stats") and "source" not in ckpt["ldm"]:
-        raise ValueError(f"{where} has no latent statistics (ckpt['ldm']['latent_stats']). train.py stores them "
-                         "when stage-1 training finishes: finish the run (resume=auto), or add them with "
-                         "ldm.checkpoint.add_latent_stats(path, image_batches, n_images)")
-    return dict(ckpt)
-
-
-def with_latent_stats(ckpt: dict[str, Any], data_module: Any, n_images: int = 2048, device: str | torch.device =
-                      "cpu", seed: int = 0, latent_scale: float | None = None) -> dict[str, Any]:
-    """``ckpt`` with latent statistics: its own, or for an imported autoencoder computed over the first
-    ``n_images`` of ``data_module``'s train split (canonical view), as train.py does after stage 1.
-
-    A global scale the source records (diffusers' ``scaling_factor``, e.g. Stable Diffusion's) replaces the
-    computed one, so that latents match what U-Nets trained with that autoencoder expect; per-channel
-    statistics are always measured (or taken from ``latents_mean`` / ``latents_std`` when recorded).
-    ``latent_scale``: the global scale to use (shift 0), e.g. Stable Diffusion's for its single files, which record
-    none; it wins over a recorded one.
-    """
-    if ckpt["ldm"].get("latent_stats"):
-        return ckpt
-    loader = DataLoader(canonical_dataset(data_module, "train"), batch_size=data_module.batch_size,
-                        num_workers=data_module.num_workers)
-    stats = measure_latent_stats(ckpt, (batch["image"] for batch in loader), n_images, device, seed)
-    stats["measured"] = f"{stats['n_images']} train images of {getattr(data_module, 'describe', data_module.__repr__)()}"
-    recorded, where = ckpt["ldm"].get("source_latent_scale"), "the autoencoder's config"
-    if latent_scale is not None:
-        recorded, where = {"scale": float(latent_scale), "shift": 0.0}, "autoencoder_latent_scale"
-    if recorded:
-        stats.update(recorded)
-        stats["recorded"] = f"{sorted(recorded)} from {where} ({ckpt['ldm'].get('source', {}).get('path')})"
-    elif ckpt["ldm"].get("source", {}).get("path") not in (None, PIXEL_SPACE):
-        log.warning("the imported autoencoder records no latent scale: scale and shift are measured on the data. A "
-                    "pretrained U-Net expects the scale it was trained with: set autoencoder_latent_scale (e.g. "
-                    "Stable Diffusion's scaling_factor) when you fine-tune one")
-    log.info("latent statistics of the imported autoencoder: scale=%.5f shift=%.4f (%s)", stats["scale"],
-             stats["shift"], stats.get("recorded", stats["measured"]))
-    ckpt = dict(ckpt)
-    ckpt["ldm"] = {**ckpt["ldm"], "latent_stats": stats}
-    return ckpt
-
 
 # ----------------------------------------------------------------------------------------- encoding
 

@@ -1,6 +1,7 @@
-"""Configuration checks of train.py: impossible settings are refused before any work starts, each problem naming
+"""Configuration checks of train.py and evaluate.py: impossible settings are refused before any work starts, each problem naming
 the key and the fix (all problems of a config in one error).
 
+- ``check_evaluation``: evaluate.py's settings, its task (from the checkpoint's stage) and the data it measures on.
 - ``check_config``: both stages (batch size, devices, resume keys, the sweep objective and monitor) and each
   stage's own (stage 2: the pretrained sources exist; stage 1: resolution against the autoencoder, PatchGAN and
   LPIPS); ``check_val_interval`` and ``check_labels`` need the data, so they run once it is built.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -17,12 +19,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import IterableDataset
 
 from ldm.checkpoint import source_missing
-from ldm.export import pretrained_source
+from ldm.data.common import check_resolution
+from ldm.evaluation.imagesets import probe_image_set
+from ldm.export import pretrained_source, read_any
 from ldm.losses.lpips import lpips_min_input_size
+from ldm.metrics.results import PAPER_TABLES
 from ldm.models.discriminator import patchgan_min_input_size
+from ldm.pipeline import resolve_sampling
 from ldm.sweeps import OBJECTIVE_MODES, in_sweep
 
 HIGHER_IS_BETTER = ("val/psnr", "val/ssim")  # logged metrics a `monitor` (lowest is best) must not be
+EVAL_TASKS = {"autoencoder": "recon", "ldm": "generation"}  # checkpoint stage -> evaluate.py's task
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -160,3 +167,35 @@ def check_eval_data(cfg: DictConfig, ckpt: dict) -> None:
     raise ValueError(f"ckpt={cfg.ckpt} was trained on {trained}{where}, but evaluate.py would measure it on {reading} "
                      f"(its default data): pass the data to evaluate on, e.g. data=folder data.dataset.root=<images> "
                      f"(data=shapes to measure it on shapes after all)")
+
+
+def check_evaluation(cfg: DictConfig) -> tuple[str, dict[str, Any] | None]:
+    """evaluate.py's task and the loaded checkpoint (None for task=fid); wrong settings and combinations stop before
+    any checkpoint, image set or feature extractor is loaded."""
+    if cfg.resolution is not None:
+        check_resolution(cfg.resolution)
+    resolve_sampling(cfg.steps, cfg.cfg_scale, cfg.sampler.steps, cfg.sampler.cfg_scale)
+    if cfg.task not in ("auto", "recon", "generation", "fid"):
+        raise ValueError(f"task={cfg.task!r}: use auto (from the checkpoint), recon, generation or fid")
+    if cfg.compare is not None and cfg.compare not in PAPER_TABLES:
+        raise ValueError(f"compare={cfg.compare!r}: use null or one of {sorted(PAPER_TABLES)}")
+    if cfg.task == "fid":
+        if cfg.real is None or cfg.fake is None:
+            raise ValueError("task=fid compares two image sets: pass real=<folder|shards> fake=<folder|shards>")
+        for name, path in (("real", cfg.real), ("fake", cfg.fake)):
+            if not (name == "real" and str(path).endswith(".npz")):
+                probe_image_set(str(path), name)  # a set without one readable image is named here
+        return "fid", None
+    if cfg.ckpt is None:
+        raise ValueError("pass ckpt=<checkpoint written by train.py> (stage 1 or 2), or task=fid real=... fake=...")
+    ckpt = read_any(cfg.ckpt, autoencoder_preset=cfg.autoencoder_preset)  # ours, an export, or a pretrained VAE
+    check_eval_data(cfg, ckpt)
+    stage = ckpt["ldm"]["stage"]
+    if stage not in EVAL_TASKS:
+        raise ValueError(f"ckpt={cfg.ckpt} holds a U-Net only: evaluate a stage-2 checkpoint (with its autoencoder) "
+                         "or an autoencoder")
+    if cfg.task not in ("auto", EVAL_TASKS[stage]):
+        wanted = "a stage-1 (autoencoder)" if cfg.task == "recon" else "a stage-2 (ldm)"
+        raise ValueError(f"task={cfg.task} needs {wanted} checkpoint, but ckpt={cfg.ckpt} is a {stage!r} "
+                         f"checkpoint; use task=auto (here: task={EVAL_TASKS[stage]})")
+    return EVAL_TASKS[stage], ckpt

@@ -19,8 +19,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.cache import build_cache, read_stage1_checkpoint, with_latent_stats
-from ldm.checkpoint import add_latent_stats, architecture, build_autoencoder, strict_load
+from ldm.cache import build_cache
+from ldm.checkpoint import (
+    add_latent_stats,
+    architecture,
+    build_autoencoder,
+    read_stage1_checkpoint,
+    strict_load,
+    with_latent_stats,
+)
 from ldm.config_checks import check_classes, check_labels
 from ldm.data.latent_format import autoencoder_identity, check_cache_compatible, read_manifest
 from ldm.export import load_unet, pretrained_source, read_any

@@ -64,6 +64,7 @@ def test_evaluate_refuses_to_measure_a_checkpoint_on_other_data_by_default(stage
     from test_evaluate import VAL, compose_eval
 
     import evaluate
+    from ldm.config_checks import check_eval_data
 
     ckpt = torch.load(stage1_ckpt, map_location="cpu", weights_only=True)
     ckpt["ldm"]["config"]["data"]["dataset"] = {"_target_": "ldm.data.images.ImageFolderDataset", "root": "/data/x"}
@@ -75,7 +76,7 @@ def test_evaluate_refuses_to_measure_a_checkpoint_on_other_data_by_default(stage
         evaluate.evaluate(compose_eval(base + ["num_workers=0", "progress=false"], tmp_path))
     # named explicitly, the other data is what the user asked for
     cfg = compose_eval(base + VAL, tmp_path)
-    evaluate.check_eval_data(cfg, ckpt)
+    check_eval_data(cfg, ckpt)
     assert json.loads(json.dumps(cfg.data.dataset._target_)) == "ldm.data.shapes.ShapesDataset"
 
 

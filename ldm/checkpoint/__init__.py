@@ -6,7 +6,8 @@
   as our checkpoint dict ``{"state_dict", "ldm"}``; a stored config is checked against the registry when read.
 - ``registry``: the explicit ``_target_`` -> class registry; ``instantiate`` builds registered targets only and
   refuses anything else naming the key path and the file.
-- ``building``: models from a checkpoint dict or path (``build_*``) or any source (``load_*``), strict loads.
+- ``building``: models from a checkpoint dict or path (``build_*``) or any source (``load_*``), strict loads, and
+  the latent statistics of a stage-1 checkpoint (``measure_latent_stats``, ``with_latent_stats``).
 
 Format-specific names and architectures stay in ``ldm.interop.keymaps`` / ``ldm.interop.configs``; presets by name
 (YAML, so Hydra) are resolved in ``ldm.export``.
@@ -23,6 +24,7 @@ from ldm.checkpoint.building import (
     load_unet,
     measure_latent_stats,
     strict_load,
+    with_latent_stats,
 )
 from ldm.checkpoint.files import (
     NO_CODE,
@@ -44,6 +46,7 @@ from ldm.checkpoint.reading import (
     UNET_TARGET,
     load_checkpoint,
     read_checkpoint,
+    read_stage1_checkpoint,
     source_missing,
     submodule_state,
 )
@@ -64,6 +67,6 @@ __all__ = [
     "TORCH_TARGETS", "UNET_TARGET", "add_latent_stats", "architecture", "atomic_torch_save",
     "build_autoencoder", "build_latent_diffusion", "build_unet", "check_spec", "check_stored_config",
     "instantiate", "load_autoencoder", "load_checkpoint", "load_latent_diffusion", "load_safetensors",
-    "load_torch_file", "load_unet", "measure_latent_stats", "read_checkpoint", "read_weights",
-    "source_missing", "strict_load", "submodule_state",
+    "load_torch_file", "load_unet", "measure_latent_stats", "read_checkpoint", "read_stage1_checkpoint",
+    "read_weights", "source_missing", "strict_load", "submodule_state", "with_latent_stats",
 ]

@@ -8,18 +8,23 @@ Everything (sample.py, evaluate.py, cache, export) rebuilds its models from that
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from ldm.checkpoint.files import atomic_torch_save
-from ldm.checkpoint.reading import load_checkpoint, read_checkpoint, submodule_state
+from ldm.checkpoint.reading import PIXEL_SPACE, load_checkpoint, read_checkpoint, submodule_state
 from ldm.checkpoint.registry import instantiate
+from ldm.data.datamodules import canonical_dataset
 from ldm.models.latent_stats import latent_statistics
 from ldm.pipeline import LatentDiffusion
+
+log = logging.getLogger("ldm.checkpoint")
 
 # Keys of a stage-2 run's `unet` config that say where its weights start, not what to build (configs/stage/ldm.yaml:
 # `unet.pretrained`). Checkpoints written before the key existed lack it; later ones store it.
@@ -98,7 +103,7 @@ def measure_latent_stats(
     """Latent statistics (``ldm.models.latent_stats.latent_statistics``) of the checkpoint's own autoencoder over
     the first ``n_images`` images of ``batches`` ([B, 3, H, W] in [-1, 1]), posterior noise seeded by ``seed``.
     The one place statistics are measured: after stage 1 (``add_latent_stats``) and for imported autoencoders
-    (``ldm.cache.with_latent_stats``)."""
+    (``with_latent_stats``)."""
     device = torch.device(device)
     model = build_autoencoder(ckpt)[0].requires_grad_(False).to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -182,3 +187,37 @@ def _not_a_model_of_ours(source: str | os.PathLike, ckpt: dict[str, Any]) -> str
             "sample.py needs a stage-2 checkpoint of ours (train.py stage=ldm) or its export (python -m ldm.export). "
             f"Its weights can start a stage-2 run: python train.py stage=ldm {use}"
             + (" unet=<its architecture, e.g. sd15>" if any(p == "unet" for p, _ in parts) else ""))
+
+
+def with_latent_stats(ckpt: dict[str, Any], data_module: Any, n_images: int = 2048, device: str | torch.device =
+                      "cpu", seed: int = 0, latent_scale: float | None = None) -> dict[str, Any]:
+    """``ckpt`` with latent statistics: its own, or for an imported autoencoder computed over the first
+    ``n_images`` of ``data_module``'s train split (canonical view), as train.py does after stage 1.
+
+    A global scale the source records (diffusers' ``scaling_factor``, e.g. Stable Diffusion's) replaces the
+    computed one, so that latents match what U-Nets trained with that autoencoder expect; per-channel
+    statistics are always measured (or taken from ``latents_mean`` / ``latents_std`` when recorded).
+    ``latent_scale``: the global scale to use (shift 0), e.g. Stable Diffusion's for its single files, which record
+    none; it wins over a recorded one.
+    """
+    if ckpt["ldm"].get("latent_stats"):
+        return ckpt
+    loader = DataLoader(canonical_dataset(data_module, "train"), batch_size=data_module.batch_size,
+                        num_workers=data_module.num_workers)
+    stats = measure_latent_stats(ckpt, (batch["image"] for batch in loader), n_images, device, seed)
+    stats["measured"] = f"{stats['n_images']} train images of {getattr(data_module, 'describe', data_module.__repr__)()}"
+    recorded, where = ckpt["ldm"].get("source_latent_scale"), "the autoencoder's config"
+    if latent_scale is not None:
+        recorded, where = {"scale": float(latent_scale), "shift": 0.0}, "autoencoder_latent_scale"
+    if recorded:
+        stats.update(recorded)
+        stats["recorded"] = f"{sorted(recorded)} from {where} ({ckpt['ldm'].get('source', {}).get('path')})"
+    elif ckpt["ldm"].get("source", {}).get("path") not in (None, PIXEL_SPACE):
+        log.warning("the imported autoencoder records no latent scale: scale and shift are measured on the data. A "
+                    "pretrained U-Net expects the scale it was trained with: set autoencoder_latent_scale (e.g. "
+                    "Stable Diffusion's scaling_factor) when you fine-tune one")
+    log.info("latent statistics of the imported autoencoder: scale=%.5f shift=%.4f (%s)", stats["scale"],
+             stats["shift"], stats.get("recorded", stats["measured"]))
+    ckpt = dict(ckpt)
+    ckpt["ldm"] = {**ckpt["ldm"], "latent_stats": stats}
+    return ckpt

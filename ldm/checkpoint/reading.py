@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,30 @@ def _read_folder(folder: Path) -> dict[str, Any]:
                 out["state_dict"] = {k: v for k, v in out["state_dict"].items() if not k.startswith(part + ".")}
                 out["state_dict"].update({f"{part}.{k}": v for k, v in load_safetensors(folder / name)[0].items()})
     return out
+
+
+def read_stage1_checkpoint(ckpt: str | os.PathLike | Mapping[str, Any], preset: Any = None) -> dict[str, Any]:
+    """A stage-1 checkpoint dict from our training checkpoint or any pretrained autoencoder ``ldm.export``
+    imports (an SD / CompVis file, a diffusers folder; ``preset`` names a CompVis file's architecture).
+
+    Our checkpoints must hold latent statistics (train.py stores them when stage 1 finishes); imported
+    autoencoders come without them (``latent_stats`` None; ``with_latent_stats`` computes them).
+    """
+    from ldm.export import read_any  # the Hydra edge that resolves presets
+
+    where = "the given checkpoint" if isinstance(ckpt, Mapping) else str(ckpt)
+    if not isinstance(ckpt, Mapping):
+        if source_missing(ckpt):
+            raise FileNotFoundError(f"{ckpt} does not exist; give a stage-1 checkpoint, e.g. "
+                                    "outputs/autoencoder/<run>/checkpoints/last.ckpt (written by python train.py), "
+                                    "or a pretrained autoencoder (SD / CompVis file, diffusers folder)")
+        ckpt = read_any(ckpt, autoencoder_preset=preset)
+    stage = ckpt["ldm"].get("stage")
+    if stage != "autoencoder":
+        raise ValueError(f"{where} is a {stage!r} checkpoint; the latent cache needs a stage-1 (autoencoder) "
+                         "checkpoint, e.g. outputs/autoencoder/<run>/checkpoints/last.ckpt")
+    if not ckpt["ldm"].get("latent_stats") and "source" not in ckpt["ldm"]:
+        raise ValueError(f"{where} has no latent statistics (ckpt['ldm']['latent_stats']). train.py stores them "
+                         "when stage-1 training finishes: finish the run (resume=auto), or add them with "
+                         "ldm.checkpoint.add_latent_stats(path, image_batches, n_images)")
+    return dict(ckpt)

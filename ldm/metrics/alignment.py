@@ -37,7 +37,6 @@ Accuracy (``python benchmarks/alignment_accuracy.py``, 1000 val images, up to 3 
 from __future__ import annotations
 
 import collections
-import functools
 import itertools
 import math
 import multiprocessing
@@ -54,6 +53,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ldm.data.shapes import BACKGROUNDS, COLORS, GRID, POSITIONS, SHAPES, SIZES, shape_outline
+from ldm.metrics.pixel_ops import blur, dilate, label_regions
 from ldm.metrics.shape_captions import ShapeSpec, format_caption, parse_caption  # noqa: F401  (re-exported)
 
 ATTRIBUTES: tuple[str, ...] = ("all", "count", "color", "kind", "position", "size", "background")
@@ -119,59 +119,6 @@ def _to_rgb(image) -> np.ndarray:
     return rgb
 
 
-def _neighbourhood(x: np.ndarray, op, fill) -> np.ndarray:
-    """``op`` (np.minimum, np.logical_or) over each pixel's 3 x 3 neighbourhood, ``fill`` outside the image."""
-    h, w = x.shape
-    p = np.pad(x, 1, constant_values=fill)
-    out = x.copy()
-    for dy in range(3):
-        for dx in range(3):
-            op(out, p[dy:dy + h, dx:dx + w], out=out)
-    return out
-
-
-def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected components of ``mask``: labels [H, W] (0 = background, 1..n) and n.
-
-    Min-label propagation with pointer jumping (each pixel points to a pixel of its component with a
-    smaller index), so it converges in a few sweeps even for long shapes.
-    """
-    h, w = mask.shape
-    big = h * w
-    lab = np.where(mask, np.arange(big).reshape(h, w), big)
-    while True:
-        new = np.where(mask, _neighbourhood(lab, np.minimum, big), big)
-        flat = new.ravel()
-        fg = flat < big
-        for _ in range(4):
-            flat[fg] = flat[flat[fg]]
-        if np.array_equal(new, lab):
-            break
-        lab = new
-    uniq = np.unique(lab[mask])
-    return np.where(mask, np.searchsorted(uniq, lab) + 1, 0), len(uniq)
-
-
-def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
-    """Binary dilation by ``steps`` pixels (3 x 3 square)."""
-    for _ in range(steps):
-        mask = _neighbourhood(mask, np.logical_or, False)
-    return mask
-
-
-@functools.lru_cache(maxsize=256)
-def _blur_matrix(n: int, sigma: float) -> np.ndarray:
-    """[n, n] Gaussian blur operator along one axis (zero outside the window)."""
-    i = np.arange(n, dtype=np.float32)
-    g = np.exp(-0.5 * ((i[:, None] - i[None, :]) / sigma) ** 2)
-    return (g / (sigma * math.sqrt(2 * math.pi))).astype(np.float32)
-
-
-def _blur(t: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of a 2-D map [h, w]."""
-    return _blur_matrix(t.shape[0], sigma) @ t @ _blur_matrix(t.shape[1], sigma)
-
-
 def _cell_of(x: float, y: float, side: int) -> int:
     col = min(max(int(x / side * GRID), 0), GRID - 1)
     row = min(max(int(y / side * GRID), 0), GRID - 1)
@@ -201,12 +148,12 @@ def _fit_region(part: np.ndarray, others: np.ndarray, cover: np.ndarray, resid: 
     x0, x1 = max(int(xs.min()) - 4, 0), min(int(xs.max()) + 5, side)
     win = (slice(y0, y1), slice(x0, x1))
     color = int(np.argmin(resid[ys, xs].sum(0)))
-    area = _dilate(part[win], 2) & ~others[win]  # partial-coverage edge pixels belong to the region too
+    area = dilate(part[win], 2) & ~others[win]  # partial-coverage edge pixels belong to the region too
     a = np.where(area, cover[win][..., color], 0.0)
     # Generated colours are a little off, so fully covered pixels need not read 1: take the coverage of the
     # region's interior (pixels >= 2 px inside its border, which a blur of ~1 px leaves alone) as 1 when it
     # has enough of them.
-    inner = ~_dilate(~part[win], 2)
+    inner = ~dilate(~part[win], 2)
     if inner.sum() >= 9:
         a = a / float(np.clip(np.median(a[inner]), 0.75, 1.25))
     mass = float(a.sum())
@@ -233,7 +180,7 @@ def _fit_region(part: np.ndarray, others: np.ndarray, cover: np.ndarray, resid: 
         geometry.append((cx, cy, r))
         full = max(float(t.sum()), unit_area * r * r)  # template cut off by the window counts as a miss
         for b, sigma in enumerate(_BLURS):
-            tb = _blur(t, sigma) if sigma else t
+            tb = blur(t, sigma) if sigma else t
             inter = float(np.minimum(a, tb).sum())
             iou[b, k] = inter / (mass + full - inter)
     return _Fit(color, mass, iou, geometry)
@@ -266,7 +213,7 @@ def _detect_rgb(rgb: np.ndarray) -> tuple[list[ShapeSpec], str]:
     fg = best > 0.5
     # Soft coverage for areas and template fits: not clipped at 0, so background noise averages out.
     cover = np.clip(proj, -0.5, 1.5)
-    labels, n = _label(fg)
+    labels, n = label_regions(fg)
     min_mass = SPECK_FRACTION * _MIN_AREA * side * side
     ys, xs = np.mgrid[0:side, 0:side]
     cells = ((ys + 0.5) * GRID // side).astype(int) * GRID + ((xs + 0.5) * GRID // side).astype(int)

@@ -7,6 +7,7 @@ Plain Python (json, csv, hashlib); no torch, Hydra or Lightning. ``evaluate.py``
     append_results_csv(csv_path, row)    -> one row per evaluation in a shared CSV (header widened as needed)
     flatten_results(results)             -> that row
     compare_table(name, ours)            -> the paper's rows and ours, as markdown
+    report_results(results, out_dir, csv_path, compare) -> all of the above, and the table on stdout
 
 ``results`` has this shape (every key but ``task`` and ``metrics`` optional)::
 
@@ -25,6 +26,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,12 +35,12 @@ from typing import Any
 
 from ldm.atomic import atomic_write_text
 
+log = logging.getLogger("ldm.evaluate")
+
 # Keys dropped (at any depth) before hashing a config: where the outputs go and how fast they are made,
 # not what is measured. Everything else (checkpoint, data, sampler, steps, seed, precision, batch size,
 # extractor, number of images...) changes the hash.
-VOLATILE_KEYS: frozenset[str] = frozenset(
-    {"out_dir", "output_dir", "paths", "hydra", "device", "num_workers", "progress", "results_csv"}
-)
+VOLATILE_KEYS = frozenset({"out_dir", "output_dir", "paths", "hydra", "device", "num_workers", "progress", "results_csv"})
 
 # Columns put first in the results CSV, in this order; the rest follow in order of first appearance.
 KEY_COLUMNS: tuple[str, ...] = (
@@ -47,9 +49,7 @@ KEY_COLUMNS: tuple[str, ...] = (
 )
 
 # Metrics computed on the features of a network: their value depends on which one, so reports name it.
-FEATURE_METRICS: frozenset[str] = frozenset(
-    {"fid", "rfid", "kid", "is", "inception_score", "precision", "recall", "fd"}
-)
+FEATURE_METRICS = frozenset({"fid", "rfid", "kid", "is", "inception_score", "precision", "recall", "fd"})
 
 CITATION = "LDM paper (Rombach et al. 2022, arXiv 2112.10752)"
 NOT_COMPARABLE = (
@@ -384,3 +384,17 @@ def compare_table(name: str, ours: Mapping[str, Any] | Sequence[Mapping[str, Any
         f"Note: {NOT_COMPARABLE}",
         "",
     ])
+
+
+def report_results(results: dict[str, Any], out_dir: Path, results_csv: str | None, compare: str | None) -> None:
+    """results.json + results.md in out_dir, one row in the results CSV, and the table on stdout."""
+    _, md_path = write_results(out_dir, results)
+    if results_csv:
+        append_results_csv(results_csv, flatten_results(results))
+    text = md_path.read_text()
+    if compare is not None:
+        table = compare_table(compare, results)
+        (out_dir / f"compare_{compare}.md").write_text(table)
+        text += "\n" + table
+    print(text, flush=True)
+    log.info("results: %s (and results.json); row appended to %s", md_path, results_csv)
