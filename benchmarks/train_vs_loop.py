@@ -57,6 +57,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf, open_dict  # noqa: E402
 from pytorch_lightning.profilers import Profiler  # noqa: E402
 from torch.profiler import ProfilerActivity, record_function  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import ldm.lit.ldm as ldm_module  # noqa: E402
 import ldm.lit.resilience as resilience  # noqa: E402
@@ -145,6 +146,27 @@ class RangeProfiler(Profiler):
 
 
 # ----------------------------------------------------------------------------------- measuring windows
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators a step dispatches (after autograd: forward, backward and optimizer alike), each by
+    the innermost line of ldm, Lightning, torch.optim or this script that issued it. On a GPU nearly every one is a
+    kernel launch, so on a CPU this shows which path launches more, and from where (``--count-ops``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+        self.sites: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        frames = traceback.extract_stack(limit=40)[:-1]
+        keep = [f for f in frames if "/ldm/" in f.filename or "pytorch_lightning" in f.filename
+                or "torch/optim" in f.filename or ("train_vs_loop" in f.filename and f.name != "__torch_dispatch__")]
+        site = keep[-1] if keep else (frames[-1] if frames else None)
+        where = "/".join(Path(site.filename).parts[-2:]) if site else "?"
+        self.sites[f"{where}:{site.lineno if site else 0} {site.name if site else '?'}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
 class Window:
     """W warm-up steps (last two: sync debug), P profiled steps, S timed steps; call ``before(i)`` before step i
     and ``after(i)`` after it, i = 0, 1, ..."""
@@ -157,6 +179,7 @@ class Window:
         self.result: dict = {}
         self.sync_sites: Counter = Counter()
         self._prof = None
+        self.count_ops = False  # --count-ops: the P steps count operators instead of profiling
         self._t0 = self._t_start = None
         self._old_showwarning = None
 
@@ -179,7 +202,10 @@ class Window:
             self._sync_debug(False)
             self._sync()
             self.result["warmup_s"] = round(time.perf_counter() - self._t_start, 2)
-            if self.P:
+            if self.P and self.count_ops:
+                self._prof = OpCounter()
+                self._prof.__enter__()
+            elif self.P:
                 self._prof = torch.profiler.profile(
                     activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else []))
                 self._prof.__enter__()
@@ -187,6 +213,12 @@ class Window:
                 self._t_prof = time.perf_counter()
         if i == self.W + self.P:
             self._sync()
+            if isinstance(self._prof, OpCounter):
+                self._prof.__exit__(None, None, None)
+                self.result["ops_per_step"] = round(sum(self._prof.ops.values()) / self.P, 1)
+                self.result["ops_by_name"] = {k: round(v / self.P, 1) for k, v in self._prof.ops.most_common()}
+                self.result["ops_by_site"] = {k: round(v / self.P, 1) for k, v in self._prof.sites.most_common()}
+                self._prof = None
             if self._prof is not None:
                 prof_wall = time.perf_counter() - self._t_prof
                 RANGES_ON = False
@@ -594,6 +626,7 @@ def run_train_py(args, mode: str, device: torch.device, raw_dir: Path | None, va
     key = f"{args.preset}_{mode}_{variant}"
     window = Window(device, args.batch, args.warmup, args.profile_steps if variant == "default" else 0, args.steps,
                     f"{args.preset}_{mode}_train_py", raw_dir)
+    window.count_ops = args.count_ops
     BenchCallback.registry[key] = window
     overrides = train_overrides(args, mode, run_dir) + TRAIN_VARIANTS[variant] + [
         "+callbacks.perf16._target_=__main__.BenchCallback", f"+callbacks.perf16.key={key}",
@@ -672,6 +705,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-n", type=int, default=None, help="training latents in the cache (sd15 2048, small 8192)")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--progress-bar", action="store_true", help="train.py with its progress bar (the default run)")
+    p.add_argument("--count-ops", action="store_true",
+                   help="the profiled steps count aten operators per step by issuing line instead of profiling")
     p.add_argument("--train-override", action="append", default=[], help="extra train.py override (repeatable)")
     p.add_argument("--deadline", type=float, default=0, help="seconds: start no new path after this (0 = none)")
     p.add_argument("--raw-dir", type=Path, default=None, help="profiler tables (text) go here")
@@ -725,6 +760,7 @@ def main(argv=None) -> dict:
                         continue
                     window = Window(device, args.batch, warmup, args.profile_steps if name in ("recipe", "all_fixes")
                                     and not rep else 0, args.steps, f"{args.preset}_{mode}_loop_{name}", args.raw_dir)
+                    window.count_ops = args.count_ops
                     t0 = time.perf_counter()
                     r = loop.run(window, VARIANTS[name])
                     r["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -131,7 +131,8 @@ def training_condition(text_encoder: nn.Module, batch: dict[str, Any], keep: Ten
     if isinstance(inputs, Tensor):
         inputs = torch.where(keep, inputs, null_inputs.to(inputs.device))
     elif hasattr(text_encoder, "encode_tokens"):  # choose between caption and null tokens on the device: no host sync
-        (ids, mask), (null_ids, null_mask) = text_encoder.tokenize(inputs), text_encoder.tokenize(null_inputs)
+        # one null row, broadcast: every encoder tokenizes each row on its own to a fixed length
+        (ids, mask), (null_ids, null_mask) = text_encoder.tokenize(inputs), text_encoder.tokenize(null_inputs[:1])
         pick = keep.view(n, 1)
         ids = torch.where(pick, to_device(ids, keep.device), to_device(null_ids, keep.device))
         mask = torch.where(pick, to_device(mask, keep.device), to_device(null_mask, keep.device))

@@ -20,7 +20,7 @@ from ldm.lit.optim import build_optimizer
 from ldm.lit.resilience import StepGuard, amp_scaler, poison_if_not_finite, restart_optimisation
 from ldm.losses.autoencoder import FirstStageLoss
 from ldm.metrics.image_quality import psnr, ssim
-from ldm.models.ema import ema_decay_at, ema_update
+from ldm.models.ema import ema_decay_at, ema_pairs, ema_update
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -104,6 +104,7 @@ class AutoencoderModule(pl.LightningModule):
         self.guard = StepGuard(max_consecutive_skips)
         self.history = list(history or [])
         self._resumed = False
+        self._ema_pairs = None
         if compile:  # after the EMA copy, which only validates
             # the adaptive GAN weight differentiates the decoder's graph twice (retain_graph=True), which compiled
             # backward graphs allow only without donated buffers
@@ -134,6 +135,7 @@ class AutoencoderModule(pl.LightningModule):
         self.guard.finish()  # the skip decisions not read yet (StepGuard reads them a step late)
 
     def on_train_start(self) -> None:
+        self._ema_pairs = None
         if self._resumed:  # the new config's optimizer settings and LR schedule, at the resumed step
             restart_optimisation(self, [self.optimizer_factory, self.disc_optimizer_factory], self.learning_rate(),
                                  self.lr_scheduler_factory)
@@ -180,8 +182,9 @@ class AutoencoderModule(pl.LightningModule):
 
         self.log_dict({f"train/{k}": v for k, v in logs.items()})  # the bar (StepProgressBar) reads them
         if do_step and self.autoencoder_ema is not None:
+            self._ema_pairs = self._ema_pairs or ema_pairs(self.autoencoder_ema, self.autoencoder)  # once per fit
             ema_update(self.autoencoder_ema, self.autoencoder, ema_decay_at(step, self.ema_decay),
-                       applied=generator_applied)
+                       applied=generator_applied, pairs=self._ema_pairs)
         if do_step:
             self.guard.end_step(step)
             self.log("train/skipped_steps", torch.tensor(float(self.guard.total)))  # CPU: no copy to the GPU

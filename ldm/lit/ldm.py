@@ -19,7 +19,7 @@ from ldm.lit.optim import build_optimizer
 from ldm.lit.resilience import StepGuard, amp_scaler, poison_if_not_finite, restart_optimisation
 from ldm.losses.diffusion import DiffusionLoss
 from ldm.models.distributions import sample_posterior
-from ldm.models.ema import ema_decay_at, ema_update
+from ldm.models.ema import ema_decay_at, ema_pairs, ema_update
 from ldm.models.latent_stats import normalize_latents
 from ldm.pipeline import LatentDiffusion, generate, training_condition
 from ldm.runtime import autocast_dtype
@@ -109,6 +109,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self.guard = StepGuard(max_consecutive_skips)
         self.history = list(history or [])
         self._resumed = False
+        self._ema_pairs = None
         if compile:
             self.unet.compile()
 
@@ -139,6 +140,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self.guard.finish()  # the skip decisions not read yet (StepGuard reads them a step late)
 
     def on_train_start(self) -> None:
+        self._ema_pairs = None
         if self._resumed:  # the new config's optimizer settings and LR schedule, at the resumed step
             restart_optimisation(self, [self.optimizer_factory], self.learning_rate(), self.lr_scheduler_factory)
 
@@ -178,7 +180,9 @@ class LatentDiffusionModule(pl.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # the EMA follows every applied update, inside the step, so a checkpoint saved at any hook holds both
         if self.unet_ema is not None:
-            ema_update(self.unet_ema, self.unet, ema_decay_at(step, self.ema_decay), applied=self.guard.last_applied)
+            self._ema_pairs = self._ema_pairs or ema_pairs(self.unet_ema, self.unet)  # matched once per fit
+            ema_update(self.unet_ema, self.unet, ema_decay_at(step, self.ema_decay), applied=self.guard.last_applied,
+                       pairs=self._ema_pairs)
         self.guard.end_step(step)
         self.log("train/skipped_steps", torch.tensor(float(self.guard.total)))  # CPU: no copy to the GPU
 

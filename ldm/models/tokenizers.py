@@ -86,12 +86,12 @@ class ByteTokenizer:
 
     def __call__(self, texts: Sequence[str]) -> tuple[Tensor, Tensor, list[int]]:
         """Ids LongTensor [B, max_length], mask bool [B, max_length] (True = real token), untruncated lengths."""
-        ids = torch.full((len(texts), self.max_length), self.PAD, dtype=torch.long)
-        lengths = []
-        for row, text in enumerate(texts):
+        rows, lengths = [], []
+        for text in texts:  # padded in Python, then one tensor: a training step tokenizes a whole batch
             kept, n = self.truncate(text)
-            ids[row, : len(kept)] = torch.tensor(kept)
+            rows.append(kept + [self.PAD] * (self.max_length - len(kept)))
             lengths.append(n)
+        ids = torch.tensor(rows, dtype=torch.long).view(len(rows), self.max_length)
         return ids, ids != self.PAD, lengths
 
 
