@@ -144,7 +144,7 @@ def main() -> None:
         for step in range(p["eval_every"], p["ldm_steps"] + 1, p["eval_every"]):
             if str(step) in entry["fid"]:
                 continue
-            if not in_time(1.1 * last):
+            if not in_time(1.3 * last):
                 print(f"f={f}: no time left for step {step} before the deadline", flush=True)
                 return
             begun = time.monotonic()
