@@ -187,7 +187,7 @@ def write_report(results: dict, out: Path) -> None:
         ax.plot(xs, [runs[f]["fid"][str(s)] for s in xs], marker="o", label=f"LDM-{f}")
     ax.set_xlabel("training steps")
     ax.set_ylabel("FID (VGG16 features)")
-    ax.set_title("class-conditional LDMs on shapes, by first-stage factor f")
+    ax.set_title("class-conditional LDMs on shapes, by factor f", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "fig6.png", dpi=120)
