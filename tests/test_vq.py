@@ -248,3 +248,48 @@ def test_pixel_space_is_the_identity_first_stage(tmp_path):
 
     with pytest.raises(ValueError, match="identity first stage"):
         export(run / "checkpoints" / "last.ckpt", "diffusers", tmp_path / "x")
+
+
+def _vq_rank(rank: int, world: int, port: int, out: str, restart: float) -> None:
+    """One rank of the DDP test: a shared seed builds the quantiser, each rank quantises its own batches."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        q = VectorQuantizer(16, 3, ema_decay=0.9, restart_threshold=restart).train()
+        gen = torch.Generator().manual_seed(1)
+        batches = [torch.randn(2 * world, 3, 4, 4, generator=gen) * 2 for _ in range(4)]
+        with torch.enable_grad():
+            for batch in batches:  # each rank takes its slice of the global batch, as a distributed sampler does
+                q(batch[rank * 2:(rank + 1) * 2].requires_grad_())
+        torch.save({k: v.clone() for k, v in q.state_dict().items()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("restart", [0.0, 0.9], ids=["ema", "ema+restarts"])
+def test_the_codebook_stays_identical_on_every_ddp_rank(tmp_path, restart):
+    """Two gloo ranks quantising different halves of each batch: EMA counts and sums are all-reduced, so every rank
+    ends with the same codebook and buffers, and without restarts they equal one process quantising whole batches;
+    with restarts rank 0's candidates are broadcast before anything derives from them (the EMA sums included)."""
+    import torch.multiprocessing as mp
+    from helpers import free_port
+
+    mp.spawn(_vq_rank, args=(2, free_port(), str(tmp_path), restart), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    torch.manual_seed(0)
+    single = VectorQuantizer(16, 3, ema_decay=0.9, restart_threshold=restart).train()
+    initial = single.embedding.weight.clone()
+    gen = torch.Generator().manual_seed(1)
+    with torch.enable_grad():
+        for _ in range(4):
+            single(torch.randn(4, 3, 4, 4, generator=gen).mul(2).requires_grad_())
+    assert not torch.equal(ranks[0]["embedding.weight"], initial)  # the codebook did move
+    if restart == 0.0:
+        for key in ranks[0]:
+            torch.testing.assert_close(ranks[0][key], single.state_dict()[key], msg=key)
+    else:
+        assert int((ranks[0]["cluster_size"] == 1.0).sum()) > 0  # some codes did restart

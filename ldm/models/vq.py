@@ -147,10 +147,10 @@ class VectorQuantizer(nn.Module):
             self.embed_sum.copy_(embed_sum)
         if self.restart_threshold > 0:
             weight, size = self._restart(flat, weight, size, ok)
+            if world > 1:  # candidates came from each rank's own batch: rank 0's win, before anything derives from them
+                dist.broadcast(weight, src=0)
             if self.ema_decay is not None:
                 self.embed_sum.copy_(torch.where((size == 1.0)[:, None], weight * size[:, None], self.embed_sum))
-        if world > 1 and self.restart_threshold > 0:  # candidates came from each rank's own batch
-            dist.broadcast(weight, src=0)
         self.cluster_size.copy_(size)
         self.codebook.data.copy_(weight.to(self.codebook.dtype))
 
