@@ -242,6 +242,12 @@ def _write_text_encoder(out: Path, meta: dict[str, Any]) -> tuple[list, list]:
     """``text_encoder/`` + ``tokenizer/`` for a frozen Hugging Face CLIP encoder (last layer: what
     StableDiffusionPipeline feeds its U-Net); model_index.json entries, ``[None, None]`` for other encoders."""
     spec = meta["config"].get("text_encoder") or {}
+    if str(spec.get("_target_", "")).endswith("ClassEncoder"):
+        log.warning("a class-conditional model: diffusers' text-to-image pipeline has no component for its class "
+                    "embedding, so text_encoder/tokenizer stay empty; the embedding is in ldm_text_encoder.safetensors "
+                    "(one context token per label, row num_classes = the null class). Feed it as prompt_embeds, or "
+                    "load the folder with ldm.export's readers (sample.py ckpt=<folder>)")
+        return [None, None], [None, None]
     if not str(spec.get("_target_", "")).endswith(("HFTextEncoder", "hf_text_encoder")) or \
             spec.get("layer", "last") != "last":
         log.info("text encoder %s is not a diffusers pipeline component: text_encoder/tokenizer left empty "

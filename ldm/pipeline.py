@@ -7,8 +7,8 @@ Shared by ``sample.py``, the training-time sample grids and ``evaluate.py``; pla
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,8 @@ class LatentDiffusion:
         latent_stats: the autoencoder's latent statistics (``scale``, ``shift``, ``mean``, ``std``).
         latent_norm: ``"scale"`` or ``"channel"`` (see ``ldm.models.latent_stats.normalize_latents``).
         latent_shape: ``(C, h, w)`` of one latent.
+        class_names: a class-conditional model's ``{label: name}`` (its cache's ``classes.json``), so that prompts may
+            name classes; empty when the data named none.
     """
 
     unet: nn.Module
@@ -44,6 +46,7 @@ class LatentDiffusion:
     latent_stats: dict[str, Any]
     latent_norm: str
     latent_shape: tuple[int, int, int]
+    class_names: dict[int, str] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> LatentDiffusion:
         for m in (self.unet, self.text_encoder, self.autoencoder):
@@ -82,14 +85,18 @@ def resolve_sampling(steps: Any, cfg_scale: Any, sampler_steps: Any, sampler_cfg
                           scale_key="cfg_scale" if cfg_scale is not None else "sampler.cfg_scale")
 
 
-def condition_inputs(text_encoder: nn.Module, prompts: Sequence[Any], device: torch.device) -> Any:
-    """Prompts as the encoder wants them: a list of captions, or a LongTensor of class labels."""
+def condition_inputs(text_encoder: nn.Module, prompts: Sequence[Any], device: torch.device,
+                     class_names: Mapping[int, str] | None = None) -> Any:
+    """Prompts as the encoder wants them: a list of captions, or a LongTensor of class labels (a class model also
+    takes the names of its classes, ``class_names``: label -> name)."""
     if getattr(text_encoder, "input_key", "caption") == "label":
         n = int(text_encoder.num_classes)
+        by_name = {str(name): int(label) for label, name in (class_names or {}).items() if name is not None}
         try:
-            labels = [int(p) for p in prompts]
+            labels = [by_name[p] if isinstance(p, str) and p in by_name else int(p) for p in prompts]
         except (TypeError, ValueError) as e:
-            raise ValueError(f"this model is class-conditional: prompts must be class indices 0..{n - 1}, got "
+            names = f" or class names ({', '.join(sorted(by_name, key=by_name.get))})" if by_name else ""
+            raise ValueError(f"this model is class-conditional: prompts must be class indices 0..{n - 1}{names}, got "
                              f"{list(prompts)!r}") from e
         if bad := [label for label in labels if not 0 <= label < n]:
             raise ValueError(f"class prompts {bad} are outside this model's classes 0..{n - 1} (its training data's "
@@ -174,7 +181,7 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
         n = len(chunk)
-        cond_in = condition_inputs(model.text_encoder, chunk, device)
+        cond_in = condition_inputs(model.text_encoder, chunk, device, model.class_names)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             cond = encode_condition(model.text_encoder, cond_in)
             uncond = encode_condition(model.text_encoder, model.text_encoder.null_inputs(n))

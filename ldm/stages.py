@@ -131,6 +131,9 @@ def build_ldm_stage(cfg: DictConfig, config: dict):
     meta = {"autoencoder": {"ckpt_path": ae_source, "identity": identity,
                             "config": ae_ckpt["ldm"]["config"]["autoencoder"]},
             "cache": {"path": str(cache_dir), "created": manifest.get("created")}}
+    if getattr(text_encoder, "input_key", "caption") == "label" and manifest.get("classes"):
+        # label -> name (classes.json), so that sample.py takes class names as prompts
+        meta["class_names"] = {label: entry.get("name") for label, entry in manifest["classes"]["classes"].items()}
     module = instantiate(cfg.module, _partial_=True)(
         unet=unet, text_encoder=text_encoder, autoencoder=autoencoder, loss=instantiate(cfg.loss),
         latent_stats=stats, latent_shape=latent_shape, run_config=config, meta=meta,

@@ -11,16 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from helpers import compose_train, run_entry
 from PIL import Image
 
 import train
 from ldm.cache import build_cache
+from ldm.checkpoint import build_latent_diffusion, load_checkpoint
 from ldm.data.datamodules import ImageDataModule
 from ldm.data.images import ImageFolderDataset
 from ldm.data.shapes import SHAPES, ShapesDataset
 from ldm.data.shards import WebDatasetImages
+from ldm.pipeline import condition_inputs
 
 CLASSES = ["n01440764", "n01443537", "n02102040"]  # ImageNet synset folders, sorted
 
@@ -121,9 +124,18 @@ def test_the_cache_writes_a_class_index_and_stage2_checks_num_classes(stage1_ckp
                                 "batch_size=3"], output_dir=tmp_path / "run")
     metrics = train.train(cfg)
     assert np.isfinite(metrics["train/loss"])
-    # the end-of-training grid of a class model has one row per class, not the default captions
-    assert (tmp_path / "run" / "images" / "prompts.txt").read_text().split() == ["0", "1", "2"]
-    proc = run_entry("sample.py", f"ckpt={tmp_path}/run/checkpoints/last.ckpt", "prompts=[2,0]", "steps=2",
+    # the end-of-training grid of a class model has one row per class (named), not the default captions
+    rows = [f"{i} ({name})" for i, name in enumerate(CLASSES)]
+    assert (tmp_path / "run" / "images" / "prompts.txt").read_text().splitlines() == rows
+    # the checkpoint keeps the class names: prompts may name a class or give its index
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert load_checkpoint(ckpt)["ldm"]["class_names"] == {str(i): name for i, name in enumerate(CLASSES)}
+    model = build_latent_diffusion(ckpt)
+    assert condition_inputs(model.text_encoder, [CLASSES[2], 0, "1"], torch.device("cpu"),
+                            model.class_names).tolist() == [2, 0, 1]
+    with pytest.raises(ValueError, match=rf"class indices 0..2 or class names \({', '.join(CLASSES)}\), got "):
+        condition_inputs(model.text_encoder, ["unicorn"], torch.device("cpu"), model.class_names)
+    proc = run_entry("sample.py", f"ckpt={ckpt}", f"prompts=[2,{CLASSES[0]}]", "steps=2",
                      f"out_dir={tmp_path}/samples", "device=cpu")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list((tmp_path / "samples").rglob("*.png"))) >= 2

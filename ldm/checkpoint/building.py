@@ -148,6 +148,7 @@ def build_latent_diffusion(ckpt: Source, use_ema: bool = True) -> LatentDiffusio
         unet=unet.eval(), text_encoder=text_encoder.eval(), autoencoder=autoencoder.eval(),
         alphas_cumprod=loss.alphas_cumprod.clone(), objective=loss.objective, latent_stats=meta["latent_stats"],
         latent_norm=meta["latent_norm"], latent_shape=tuple(meta["latent_shape"]),
+        class_names={int(label): name for label, name in (meta.get("class_names") or {}).items()},
     )
 
 

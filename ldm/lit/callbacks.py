@@ -79,17 +79,20 @@ class SampleGrid(pl.Callback):
         if not trainer.is_global_zero or step == self._last_step:
             return
         self._last_step = step
-        rows = self.prompts
+        rows = labels = self.prompts
         encoder = getattr(pl_module, "text_encoder", None)
-        if getattr(encoder, "input_key", "caption") == "label" and not all(str(p).isdigit() for p in rows):
-            rows = [str(c) for c in range(min(len(rows), encoder.num_classes))]
+        if getattr(encoder, "input_key", "caption") == "label":
+            names = {int(k): v for k, v in (getattr(pl_module, "meta", {}).get("class_names") or {}).items()}
+            if not all(str(p).isdigit() or p in names.values() for p in rows):
+                rows = [str(c) for c in range(min(len(rows), encoder.num_classes))]
+            labels = [f"{r} ({names[int(r)]})" if str(r).isdigit() and names.get(int(r)) else str(r) for r in rows]
         prompts = [p for p in rows for _ in range(self.images_per_prompt)]
         images = pl_module.sample_images(prompts, self.sampler, self.steps, self.cfg_scale, self.seed)
         grid = make_grid(images.cpu(), nrow=self.images_per_prompt, normalize=True, value_range=(-1, 1))
         self.dirpath.mkdir(parents=True, exist_ok=True)
         save_image(grid, self.dirpath / f"samples_step{step:07d}.png")
-        (self.dirpath / "prompts.txt").write_text("\n".join(rows) + "\n")
-        log_image(trainer, "samples", grid, step, caption=" | ".join(rows))
+        (self.dirpath / "prompts.txt").write_text("\n".join(labels) + "\n")
+        log_image(trainer, "samples", grid, step, caption=" | ".join(labels))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
