@@ -12,6 +12,9 @@
 #                      step 1), STEPS_VQ steps, validation every half: losses, codebook usage, perplexity, PSNR
 #   fig6               benchmarks/fig6.py --preset gpu (the factors side by side) into /tmp/fig6, segments that end 20 s
 #                      before the limit; fig6.md/png to $OUT, the rest (json, logs, grids; no checkpoints) in fig6.tgz
+#   ddp_proof          benchmarks/ddp_proof.py --preset gpu on every GPU of the machine (issue 19; needs 2+): cache, stage 2
+#                      (small, sd15), stage 1, evaluate.py and SIGTERM under DDP against one GPU; ddp_proof.json and
+#                      ddp_logs.tgz to $OUT
 #   small_eager_old|small_eager_new|small_compiled_new|sd15_eager_old|sd15_eager_new|sd15_compiled_new
 #                      benchmarks/train_vs_loop.py (loop and train.py alternating, --repeats), old = $BASE
 set -uo pipefail
@@ -56,6 +59,10 @@ for job in "$@"; do
       cp /tmp/fig6/fig6.md /tmp/fig6/fig6.png $OUT/ 2>/dev/null
       tar czf $OUT/fig6.tgz -C /tmp --exclude='*.ckpt' --exclude=images --exclude='cache_f*' --exclude='fid_stats*' \
         --exclude='*.pt' --exclude='*.safetensors' fig6;;
+    ddp_proof) timeout $(( left - 5 )) python3 benchmarks/ddp_proof.py --preset gpu --nproc "$(nvidia-smi -L | wc -l)" \
+        --ae-ckpt .carry/perf16/setup/ae.ckpt --out /tmp/ddp --deadline $(( left - 120 )) > $OUT/ddp_proof.log 2>&1
+      cp /tmp/ddp/ddp_proof.json $OUT/ 2>/dev/null
+      tar czf $OUT/ddp_logs.tgz -C /tmp --exclude='*.ckpt' --exclude='cache_*' --exclude=images --exclude='*.tar' ddp;;
     small_eager_*) a="--preset small --modes eager --variants all_fixes --steps 40 --repeats 2";;
     small_compiled_*) a="--preset small --modes compiled --compiled-variants all_fixes --steps 40 --repeats 2";;
     sd15_eager_*) a="--preset sd15 --modes eager --variants all_fixes --steps 15 --repeats ${REPEATS:-2}";;

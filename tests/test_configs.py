@@ -255,3 +255,13 @@ def test_every_text_encoder_option_fits_its_class_in_a_stage2_run(option, tmp_pa
     params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
     unknown = sorted(k for k in spec if not k.startswith("_") and k not in params)
     assert not unknown, f"text_encoder={option}: {unknown} are not arguments of {spec['_target_']}"
+
+
+def test_ddp_looks_for_unused_parameters_only_in_stage_1(tmp_path):
+    """Stage 1's generator and discriminator backwards each leave part of the model out, so DDP must search for
+    unused parameters; stage 2 trains every parameter each step and skips that extra pass over the graph."""
+    for stage, expected in ((["stage=autoencoder"], True), (["stage=ldm"], False)):
+        cfg = resolved(compose_train([*stage, "trainer=ddp"], output_dir=tmp_path))
+        assert cfg["trainer"]["strategy"]["find_unused_parameters"] is expected, stage
+    override = ["stage=ldm", "trainer=ddp", "ddp_find_unused_parameters=true"]  # a U-Net with a skipped branch
+    assert resolved(compose_train(override, output_dir=tmp_path))["trainer"]["strategy"]["find_unused_parameters"]
