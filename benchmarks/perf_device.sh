@@ -8,6 +8,7 @@
 #   gpu_tests          pytest -m gpu on the guard, fast-path and stage-2 mixed-precision tests
 #   stage1_eager|stage1_compiled   train.py experiment=paper/kl_f8 at 256², batch 16, full loss (GAN from step 0)
 #   <job>_cl           any stage1/small/sd15 job with module.channels_last=true (train.py and the loop alike)
+#   COMPILE_MODE=<mode> the compiled jobs with that torch.compile mode (module.compile=<mode>; loop alike)
 #   stage1_vq_f8       train.py experiment=paper/vq_f8 on `shapes` at 256² as the recipe says (batch 10, GAN from
 #                      step 1), STEPS_VQ steps, validation every half: losses, codebook usage, perplexity, PSNR
 #   fig6               benchmarks/fig6.py --preset gpu (the factors side by side) into /tmp/fig6, segments that end 20 s
@@ -39,7 +40,7 @@ for job in "$@"; do
   case $job in
     gpu_tests) timeout $(( left - 5 )) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_step_guard.py \
         tests/test_fast_paths.py tests/test_train_stage2.py > $OUT/$job.log 2>&1;;
-    stage1_eager*|stage1_compiled*) c=false; case $job in stage1_compiled*) c=true;; esac
+    stage1_eager*|stage1_compiled*) c=false; case $job in stage1_compiled*) c=${COMPILE_MODE:-true};; esac
       timeout $(( left - 5 )) python3 train.py run_name=$job experiment=paper/kl_f8 data=shapes trainer=gpu \
         data.num_workers=14 batch_size=16 module.scale_lr=false module.base_learning_rate=1e-4 loss.disc_start=0 \
         trainer.max_steps=$STEPS1 trainer.limit_val_batches=0 trainer.num_sanity_val_steps=0 \
@@ -70,6 +71,7 @@ for job in "$@"; do
   esac
   case $job in small_*|sd15_*)
     [ $cl = true ] && a="$a --train-override module.channels_last=true"
+    [ -n "${COMPILE_MODE:-}" ] && a="$a --compile-mode $COMPILE_MODE"
     TVL_ROOT=$root timeout $(( left - 5 )) python3 $S $a $C --deadline $(( left - 40 )) --out $OUT/$job.json \
       >> $OUT/$job.log 2>&1;;
   esac

@@ -77,7 +77,7 @@ def train_overrides(args, mode: str, run_dir: Path) -> list[str]:
     res, _, text = PRESETS[args.preset]
     o = ["stage=ldm", f"unet={args.preset}", f"resolution={res}", f"batch_size={args.batch}",
          f"autoencoder.pretrained={args.ae_ckpt}", f"cache_dir={args.cache_dir}", f"run_name={run_dir.name}",
-         f"module.compile={'true' if mode == 'compiled' else 'false'}", *text,
+         f"module.compile={(args.compile_mode or 'true') if mode == 'compiled' else 'false'}", *text,
          f"trainer.max_steps={args.warmup + args.profile_steps + args.steps}",
          "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "trainer.check_val_every_n_epoch=null",
          "trainer.val_check_interval=1000000", f"trainer.enable_progress_bar={str(args.progress_bar).lower()}",
@@ -241,6 +241,7 @@ def parse_args(argv=None):
     p.add_argument("--cache-n", type=int, default=None, help="training latents in the cache (sd15 2048, small 8192)")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--progress-bar", action="store_true", help="train.py with its progress bar (the default run)")
+    p.add_argument("--compile-mode", default=None, help="compiled mode: a torch.compile mode (module.compile=<mode>)")
     p.add_argument("--count-ops", action="store_true",
                    help="the profiled steps count aten operators per step by issuing line instead of profiling")
     p.add_argument("--train-override", action="append", default=[], help="extra train.py override (repeatable)")

@@ -63,7 +63,8 @@ class Loop:
         self.unet.to(memory_format=self.memory_format)
         self.ema = copy.deepcopy(self.unet).eval().requires_grad_(False)
         if compiled:
-            self.unet.compile()  # as LatentDiffusionModule(compile=True): in place
+            mode = cfg.module.compile if isinstance(cfg.module.compile, str) else None
+            self.unet.compile(**({"mode": mode} if mode else {}))  # as LatentDiffusionModule(compile=...): in place
         self.loss_fn = instantiate(cfg.loss).to(device)
         m = cfg.module
         self.lr, self.clip, self.p_uncond = float(m.base_learning_rate), m.gradient_clip_val, float(m.p_uncond)

@@ -26,6 +26,7 @@ from ldm.losses.lpips import lpips_min_input_size
 from ldm.metrics.results import PAPER_TABLES
 from ldm.models.discriminator import patchgan_min_input_size
 from ldm.pipeline import resolve_sampling
+from ldm.runtime import compile_options
 from ldm.sweeps import OBJECTIVE_MODES, in_sweep
 
 HIGHER_IS_BETTER = ("val/psnr", "val/ssim")  # logged metrics a `monitor` (lowest is best) must not be
@@ -41,6 +42,10 @@ def check_config(cfg: DictConfig) -> None:
         problems += _autoencoder_problems(cfg)
     if int(cfg.batch_size) < 1:
         problems.append(f"batch_size={cfg.batch_size} must be >= 1")
+    try:
+        compile_options(OmegaConf.select(cfg, "module.compile"))
+    except ValueError as err:
+        problems.append(str(err))
     if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
         problems.append("trainer asks for GPUs but CUDA is not available; use trainer=cpu (or trainer=default)")
     if cfg.resume not in (None, "auto"):

@@ -8,6 +8,7 @@
 - ``auto_precision``: Lightning's precision string for ``trainer.precision=auto``.
 - ``storage_dtype``: a dtype named in a config (``float32`` | ``float16`` | ``bfloat16``) for weights or cached
   tensors, with the names a caller allows.
+- ``compile_options``: ``module.compile`` (false | true | a ``torch.compile`` mode) as ``Module.compile`` arguments.
 """
 
 from __future__ import annotations
@@ -64,3 +65,19 @@ def storage_dtype(name: str, key: str = "dtype", allowed: Iterable[str] = tuple(
     if name not in allowed:
         raise ValueError(f"{key}={name!r} is not supported; choose one of {list(allowed)}{why}")
     return DTYPES[name]
+
+
+def compile_options(value: bool | str | None, key: str = "module.compile") -> dict | None:
+    """``None`` for no compilation, else the keyword arguments of ``nn.Module.compile``: ``true`` is torch's default
+    mode, a string names the mode (``max-autotune-no-cudagraphs`` autotunes the GEMM/convolution kernels,
+    ``reduce-overhead`` replays CUDA graphs: for small models whose step the host's launches limit)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    from torch._inductor import list_mode_options
+
+    modes = list(list_mode_options())
+    if str(value) not in modes:
+        raise ValueError(f"{key}={value!r}: use false, true or one of torch.compile's modes {modes}")
+    return {"mode": str(value)}

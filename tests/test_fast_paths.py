@@ -238,3 +238,17 @@ def test_channels_last_training_matches_the_default_layout(stage1_ckpt, tmp_path
         assert near >= 0.98 * total, f"{loss}: {near} of {total} weights agree"
     conv = next(v for k, v in stage2[True]["state"].items() if v.ndim == 4 and v.shape[1] > 1 and v.shape[2] > 1)
     assert conv.is_contiguous(memory_format=torch.channels_last)  # the layout did change
+
+
+def test_module_compile_takes_false_true_or_a_torch_compile_mode():
+    from ldm.runtime import compile_options
+
+    assert compile_options(False) is None and compile_options(None) is None and compile_options(True) == {}
+    assert compile_options("max-autotune-no-cudagraphs") == {"mode": "max-autotune-no-cudagraphs"}
+    with pytest.raises(ValueError, match=r"module.compile='fast': use false, true or one of torch.compile's modes "
+                                         r"\[.*'reduce-overhead'.*\]"):
+        compile_options("fast")
+    from ldm.config_checks import check_config
+
+    with pytest.raises(ValueError, match=r"module.compile='fast'"):  # refused with the config, before any work
+        check_config(compose_train([*TINY_RUN, "module.compile=fast"]))

@@ -21,6 +21,7 @@ from ldm.lit.resilience import StepGuard, amp_scaler, poison_if_not_finite, rest
 from ldm.losses.autoencoder import FirstStageLoss
 from ldm.metrics.image_quality import psnr, ssim
 from ldm.models.ema import ema_decay_at, ema_pairs, ema_update
+from ldm.runtime import compile_options
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -50,7 +51,7 @@ class AutoencoderModule(pl.LightningModule):
             settings); stored in every checkpoint.
         compile: ``torch.compile`` the training graph's parts in place (checkpoint keys unchanged): the encoder, the
             decoder, the LPIPS network and the discriminator. The posterior sample and the losses' small glue
-            stay eager.
+            stay eager. A string names the mode (``ldm.runtime.compile_options``).
         channels_last: keep the convolution weights and the training activations in NHWC (``torch.channels_last``),
             the layout cuDNN's bf16 kernels work in, instead of converting around every convolution.
         latent_stats: set after training (scale and per-channel mean/std); stored in checkpoints.
@@ -74,7 +75,7 @@ class AutoencoderModule(pl.LightningModule):
         ema_decay: float | None = None,
         max_consecutive_skips: int = 20,
         history: list[dict[str, Any]] | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -105,13 +106,13 @@ class AutoencoderModule(pl.LightningModule):
         self.history = list(history or [])
         self._resumed = False
         self._ema_pairs = None
-        if compile:  # after the EMA copy, which only validates
+        if (options := compile_options(compile)) is not None:  # after the EMA copy, which only validates
             # the adaptive GAN weight differentiates the decoder's graph twice (retain_graph=True), which compiled
             # backward graphs allow only without donated buffers
             torch._functorch.config.donated_buffer = False
             for part in (autoencoder.encoder, autoencoder.decoder, loss.perceptual, loss.discriminator):
                 if part is not None:
-                    part.compile()
+                    part.compile(**options)
 
     # ----------------------------------------------------------------------------------------------- setup
     def learning_rate(self) -> float:

@@ -22,7 +22,7 @@ from ldm.models.distributions import sample_posterior
 from ldm.models.ema import ema_decay_at, ema_pairs, ema_update
 from ldm.models.latent_stats import normalize_latents
 from ldm.pipeline import LatentDiffusion, generate, training_condition
-from ldm.runtime import autocast_dtype
+from ldm.runtime import autocast_dtype, compile_options
 
 
 class LatentDiffusionModule(pl.LightningModule):
@@ -45,7 +45,8 @@ class LatentDiffusionModule(pl.LightningModule):
         run_config: resolved run config, stored in every checkpoint; ``meta``: extra checkpoint metadata
             (autoencoder identity, cache manifest summary).
         seed: the posterior/noise/timestep/dropout draws are a pure function of (seed, rank, step, batch).
-        compile: ``torch.compile`` the U-Net (in place, so checkpoint keys do not change).
+        compile: ``torch.compile`` the U-Net (in place, so checkpoint keys do not change); a string names the
+            mode (``ldm.runtime.compile_options``).
         channels_last: keep the U-Net's convolution weights and activations in NHWC (``torch.channels_last``), the
             layout cuDNN's bf16 kernels work in, instead of converting around every convolution.
         gradient_clip_val: clip the global grad norm (0/None: off); done here, with the non-finite check.
@@ -74,7 +75,7 @@ class LatentDiffusionModule(pl.LightningModule):
         run_config: dict[str, Any] | None = None,
         meta: dict[str, Any] | None = None,
         seed: int = 0,
-        compile: bool = False,
+        compile: bool | str = False,
         gradient_clip_val: float | None = None,
         max_consecutive_skips: int = 20,
         history: list[dict[str, Any]] | None = None,
@@ -110,8 +111,8 @@ class LatentDiffusionModule(pl.LightningModule):
         self.history = list(history or [])
         self._resumed = False
         self._ema_pairs = None
-        if compile:
-            self.unet.compile()
+        if (options := compile_options(compile)) is not None:
+            self.unet.compile(**options)
 
     def train(self, mode: bool = True) -> LatentDiffusionModule:
         super().train(mode)
