@@ -209,14 +209,18 @@ def fail(message: str, status: int = 1) -> None:
 
 class _DropTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip")
+        msg = str(record.msg)
+        # Lightning's tips, and its advice to enable TF32 matmuls: under bf16/fp16-mixed the matmuls that matter run
+        # in half precision anyway, and a 32-true run chose full fp32
+        return not (msg.startswith("\N{ELECTRIC LIGHT BULB} Tip") or "set_float32_matmul_precision" in msg)
 
 
 def quiet_lightning() -> None:
-    """Drop the Lightning output a user cannot act on: advertising tips, the "N module(s) in eval mode" warning
-    (ldm's frozen parts are in eval mode on purpose) and a deprecation inside Lightning itself."""
-    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-    if not any(isinstance(f, _DropTips) for f in logger.filters):
-        logger.addFilter(_DropTips())
+    """Drop the Lightning output a user cannot act on: advertising tips, TF32 advice, the "N module(s) in eval mode"
+    warning (ldm's frozen parts are in eval mode on purpose) and a deprecation inside Lightning itself."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")

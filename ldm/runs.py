@@ -51,18 +51,24 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
 # Keys removed from the configs, and the key that took their place: a config stored by an older ldm (in a
 # checkpoint or a run's history) is read with its values moved to the new keys.
 RENAMED = {"autoencoder_ckpt": "autoencoder.pretrained", "unet_pretrained": "unet.pretrained"}
+# Keys added to the configs later, with the value that gives an older run's behaviour: a config stored before them
+# reads as having had that value, so a resume reports only what really changes.
+ADDED = {"module.channels_last": False, "ddp_find_unused_parameters": True}
 
 
 def upgraded(flat: dict[str, Any]) -> dict[str, Any]:
     """A flattened stored config with ``RENAMED`` keys under their new names (an old key's value wins over the
-    new key's placeholder: older configs held ``???`` or null there when the old spelling was used) and
-    ``MOVED_TARGETS`` under their new names."""
+    new key's placeholder: older configs held ``???`` or null there when the old spelling was used),
+    ``MOVED_TARGETS`` under their new names and ``ADDED`` keys at their older behaviour."""
     flat = {k: MOVED_TARGETS.get(v, v) if k.endswith("_target_") and isinstance(v, str) else v
             for k, v in flat.items()}
     for old, new in RENAMED.items():
         value = flat.pop(old, None)
         if value is not None and flat.get(new) in (None, "???"):
             flat[new] = value
+    if "stage_name" in flat:  # a train.py config
+        for key, value in ADDED.items():
+            flat.setdefault(key, value)
     return flat
 
 

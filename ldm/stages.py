@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,9 @@ def build_ldm_stage(cfg: DictConfig, config: dict):
         log.warning(problem)
     check_classes(text_encoder, manifest, cache_dir)
     data = instantiate(cfg.latent_data, path=str(cache_dir), on_gpu=latents_on_gpu(cfg))
+    # cached latents need no loader workers (in memory they are gathered whole, on the GPU without any): Lightning's
+    # advice to add workers is noise here (the loader's share of a step is measured: docs/results.md)
+    warnings.filterwarnings("ignore", message=r".*dataloader' does not have many workers")
     check_labels(cfg, text_encoder, data.dataset("train"), f"the latent cache {cache_dir}")
     latent_shape = tuple(manifest["latent_shape"])
     f = autoencoder.downsample_factor

@@ -351,7 +351,7 @@ def record_job(cfg: DictConfig, run_dir: Path, outcome: dict, status: str, metri
     monitor, trainer = outcome.get("monitor"), outcome.get("trainer")
     values = monitor.values if monitor is not None else []
     objective = objective_value(values, str(cfg.objective)) if status == "completed" else None
-    if status == "completed" and objective is None:
+    if status == "completed" and objective is None and in_sweep():  # outside a sweep nobody reads the objective
         log.warning("no finite validation value of monitor=%s: the sweeper gets no objective", cfg.monitor)
     if trainer is not None and not trainer.is_global_zero:
         return objective

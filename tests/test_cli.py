@@ -77,3 +77,18 @@ def test_training_output_has_no_noise_a_user_cannot_act_on(tmp_path):
     for noise in ("Tip:", "in eval mode at the start", "LeafSpec", "lr_scheduler.step()", "Epoch 0/-"):
         assert noise not in text, noise
     assert "4/4" in text.replace("\r", "\n")
+
+
+def test_stage2_output_has_no_loader_advice_or_sweep_warning_outside_sweeps(stage1_ckpt, tmp_path):
+    """Cached latents need no loader workers (Lightning's advice to add some is noise there), and a run outside a
+    sweep without validation is not warned that a sweeper would get no objective."""
+    from test_train_stage2 import TINY_LDM
+
+    args = [o for o in TINY_LDM if not o.startswith(("trainer.limit_val_batches", "trainer.check_val_every_n_epoch"))]
+    proc = run_entry("train.py", *args, f"autoencoder.pretrained={stage1_ckpt}", f"cache_dir={tmp_path}/cache",
+                     "trainer.max_steps=2", "trainer.limit_val_batches=0", "callbacks.sample_grid=null",
+                     f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    for noise in ("does not have many workers", "gets no objective", "set_float32_matmul_precision"):
+        assert noise not in text, noise

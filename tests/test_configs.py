@@ -131,6 +131,10 @@ def test_a_config_stored_with_the_older_spellings_resumes_under_the_new_keys():
     assert config_changes(old, new) == ({}, {"trainer.max_steps": [10, 20]})
     refused, _ = config_changes(old, {**new, "autoencoder": {"pretrained": "b.ckpt"}})
     assert refused == {"autoencoder.pretrained": ["a.ckpt", "b.ckpt"]}
+    # keys added since read as the behaviour the older run had: only a real change is reported
+    stored = {"stage_name": "ldm", "module": {"lr": 1}}
+    now = {"stage_name": "ldm", "module": {"lr": 1, "channels_last": False}, "ddp_find_unused_parameters": False}
+    assert config_changes(stored, now) == ({}, {"ddp_find_unused_parameters": [True, False]})
 
 
 def test_cache_config_names_its_autoencoder(tmp_path):
