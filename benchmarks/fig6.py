@@ -96,7 +96,7 @@ def stage2_segment(f: int, source: str, until: int, p: dict, out: Path, log: Pat
            f"unet.out_channels={channels}", "unet.channel_mult=[1,2]", "unet.attention_resolutions=[1,2]",
            f"batch_size={p['ldm_batch']}", f"trainer.max_steps={until}", "module.base_learning_rate=2e-4",
            "module.ema_decay=0.999", "module.lr_scheduler.total_iters=200", "trainer.val_check_interval=null",
-           "trainer.limit_val_batches=0", "callbacks.sample_grid.every_n_steps=0", "resume=auto",
+           "trainer.limit_val_batches=0", "callbacks.sample_grid=null", "resume=auto",  # evaluate.py draws the grids
            f"cache_dir={out / f'cache_f{f}'}", f"hydra.run.dir={out / f'ldm_f{f}'}", *data_args(p), *trainer_args(p)]
     return run(cmd, log)
 
@@ -120,11 +120,19 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=0, help="factors run at once (0: all)")
     parser.add_argument("--deadline", type=float, default=0, help="seconds after which no new segment starts (0: none)")
     args = parser.parse_args()
+    if bad := sorted(set(args.factors) - {1, *FIRST_STAGES}):
+        parser.error(f"--factors {bad}: this sweep has first stages for f in {[1, *FIRST_STAGES]}")
+    if args.jobs < 0:
+        parser.error(f"--jobs {args.jobs}: give the number of factors to run at once (0: all)")
+    args.factors = list(dict.fromkeys(args.factors))  # one chain of processes per factor and folder
     p, out = PRESETS[args.preset], args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("LDM_OFFLINE", "1")
     results = json.loads((out / "fig6.json").read_text()) if (out / "fig6.json").is_file() else {
         "preset": args.preset, "settings": p, "runs": {}}
+    if results["settings"] != p:
+        parser.error(f"--out {out} holds a run of --preset {results['preset']} with other settings: continue it with "
+                     "that preset, or give another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("LDM_OFFLINE", "1")
     lock, started = threading.Lock(), time.monotonic()
 
     def save() -> None:

@@ -91,13 +91,24 @@ def condition_inputs(text_encoder: nn.Module, prompts: Sequence[Any], device: to
     takes the names of its classes, ``class_names``: label -> name)."""
     if getattr(text_encoder, "input_key", "caption") == "label":
         n = int(text_encoder.num_classes)
-        by_name = {str(name): int(label) for label, name in (class_names or {}).items() if name is not None}
-        try:
-            labels = [by_name[p] if isinstance(p, str) and p in by_name else int(p) for p in prompts]
-        except (TypeError, ValueError) as e:
-            names = f" or class names ({', '.join(sorted(by_name, key=by_name.get))})" if by_name else ""
-            raise ValueError(f"this model is class-conditional: prompts must be class indices 0..{n - 1}{names}, got "
-                             f"{list(prompts)!r}") from e
+        by_name: dict[str, list[int]] = {}
+        for label, name in sorted((class_names or {}).items()):
+            if name is not None:
+                by_name.setdefault(str(name), []).append(int(label))
+        labels = []
+        for p in prompts:  # a number is always an index (a class folder named "3" is reached by its index)
+            try:
+                labels.append(int(p))
+                continue
+            except (TypeError, ValueError):
+                pass
+            if len(by_name.get(str(p), [])) > 1:
+                raise ValueError(f"class name {p!r} names classes {by_name[str(p)]}: give the index instead")
+            if str(p) not in by_name:
+                names = f" or class names ({', '.join(sorted(by_name, key=by_name.get))})" if by_name else ""
+                raise ValueError(f"this model is class-conditional: prompts must be class indices 0..{n - 1}{names}, "
+                                 f"got {list(prompts)!r}")
+            labels.append(by_name[str(p)][0])
         if bad := [label for label in labels if not 0 <= label < n]:
             raise ValueError(f"class prompts {bad} are outside this model's classes 0..{n - 1} (its training data's "
                              "classes.json names them); guidance supplies the unconditional sample itself")

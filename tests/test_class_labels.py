@@ -135,6 +135,11 @@ def test_the_cache_writes_a_class_index_and_stage2_checks_num_classes(stage1_ckp
                             model.class_names).tolist() == [2, 0, 1]
     with pytest.raises(ValueError, match=rf"class indices 0..2 or class names \({', '.join(CLASSES)}\), got "):
         condition_inputs(model.text_encoder, ["unicorn"], torch.device("cpu"), model.class_names)
+    # a number is always an index, even where a class is named by digits; a name two classes share is refused
+    digits = {0: "2", 1: "0", 2: "dog"}
+    assert condition_inputs(model.text_encoder, ["2", 0, "dog"], torch.device("cpu"), digits).tolist() == [2, 0, 2]
+    with pytest.raises(ValueError, match=r"class name 'dog' names classes \[1, 2\]: give the index instead"):
+        condition_inputs(model.text_encoder, ["dog"], torch.device("cpu"), {0: "cat", 1: "dog", 2: "dog"})
     proc = run_entry("sample.py", f"ckpt={ckpt}", f"prompts=[2,{CLASSES[0]}]", "steps=2",
                      f"out_dir={tmp_path}/samples", "device=cpu")
     assert proc.returncode == 0, proc.stderr[-2000:]
