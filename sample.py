@@ -95,13 +95,26 @@ def sampling_timing(n: int, seconds: float, device: torch.device, batch_size: in
     return out
 
 
+def _one_string(arg: str) -> bool:
+    """Whether Hydra reads the override ``arg`` as one plain string (not a sweep, not a parse error)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        override = OverridesParser.create().parse_overrides([arg])[0]
+    except Exception:  # noqa: BLE001  (Hydra's grammar errors have several types)
+        return False
+    return not override.is_sweep_override() and isinstance(override.value(), str)
+
+
 def quote_prompt_overrides(argv: list[str]) -> list[str]:
     """Make ``prompts=a red circle, on a black background`` mean one prompt: Hydra would read the comma as a sweep
-    and stop with "Ambiguous value". Quoted values and lists (``prompts=[a,b]``) are left alone."""
+    ("Ambiguous value"), and ``=``, ``(``, ``'``, ``#``, ``!`` ... as grammar errors. Such a value is quoted; values
+    Hydra reads as one string, quoted values and lists (``prompts=[a,b]``) are left alone."""
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if key.lstrip("+~") in ("prompts", "prompts_file") and sep and "," in value and value[:1] not in "[\"'":
+        if key.lstrip("+~") in ("prompts", "prompts_file") and sep and value[:1] not in "[\"'" and \
+                not _one_string(arg):
             # Hydra's quoted strings: backslashes are escapes only before a quote (or the closing one)
             value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
             arg = f"{key}='{value}'"

@@ -75,7 +75,7 @@ def test_sample_config_composes(tmp_path):
         plain = "a large red circle in the center, on a black background"
         with pytest.raises(ConfigCompositionException, match="Ambiguous value"):  # what Hydra alone does
             compose("sample", overrides=["ckpt=x.ckpt", f"prompts={plain}"])
-        for prompt in [plain, "Bob's circle, \\o/", "a, b\\", "x, \\'y'"]:
+        for prompt in [plain, "Bob's circle, \\o/", "a, b\\", "x, \\'y'", "x=y", "a circle (red)", "it's #1!", "a; b & c"]:
             args = sample.quote_prompt_overrides(["ckpt=x.ckpt", f"prompts={prompt}", "prompts=[a,b]", "n=2"])
             assert args[0] == "ckpt=x.ckpt" and args[2:] == ["prompts=[a,b]", "n=2"]
             assert compose("sample", overrides=args[:2]).prompts == prompt
