@@ -236,20 +236,23 @@ def failures(result: dict) -> list[str]:
     """The checks that did not hold: a command that failed, caches or parameters that differ, a pre-emption that
     did not save once and resume."""
     bad = []
-    for name, part in result["parts"].items():
-        for key, value in part.items():
-            if key.startswith("rc_") and value != 0:
-                bad.append(f"{name} {key}={value}")
-        for k, r in [(k, r) for v in part.values() if isinstance(v, dict) for k, r in (v.get("runs") or {}).items()] + \
-                [(k, r) for k, r in (part.get("runs") or {}).items()] + \
-                [(k, r) for k, r in part.items() if name == "evaluate" and isinstance(r, dict)]:
-            if r.get("rc") != 0 or r.get("parameters_identical_on_all_ranks") is False:
-                bad.append(f"{name} run {k}: rc {r.get('rc')}, identical {r.get('parameters_identical_on_all_ranks')}")
-        compare = part.get("compare") or {}
-        if any(not c["same_keys"] or (c["max_abs_latent_difference"] or 0) > 1e-2 for c in compare.values()):
-            bad.append(f"{name}: the caches differ {compare}")
-    if "ok" in result["parts"].get("preempt", {}) and not result["parts"]["preempt"]["ok"]:
-        bad.append(f"preempt: {result['parts']['preempt']}")
+
+    def walk(node: dict, where: str) -> None:
+        for key, value in node.items():
+            if key == "rc" or key.startswith("rc_"):
+                if value != 0:
+                    bad.append(f"{where} {key}={value}")
+            elif key == "parameters_identical_on_all_ranks" and value is False:
+                bad.append(f"{where}: parameters differ between ranks")
+            elif key == "compare" and any(not c["same_keys"] or (c["max_abs_latent_difference"] or 0) > 1e-2
+                                          for c in value.values()):
+                bad.append(f"{where}: the caches differ {value}")
+            elif key == "ok" and value is False:
+                bad.append(f"{where}: {node}")
+            elif isinstance(value, dict):
+                walk(value, f"{where}.{key}")
+
+    walk(result["parts"], "parts")
     return bad
 
 
