@@ -82,7 +82,7 @@ class SampleGrid(pl.Callback):
         rows = labels = self.prompts
         encoder = getattr(pl_module, "text_encoder", None)
         if getattr(encoder, "input_key", "caption") == "label":
-            names = {int(k): v for k, v in (getattr(pl_module, "meta", {}).get("class_names") or {}).items()}
+            names = pl_module.class_names
             if not all(str(p).isdigit() or p in names.values() for p in rows):
                 rows = [str(c) for c in range(min(len(rows), encoder.num_classes))]
             labels = [f"{r} ({names[int(r)]})" if str(r).isdigit() and names.get(int(r)) else str(r) for r in rows]

@@ -205,8 +205,13 @@ class LatentDiffusionModule(pl.LightningModule):
             unet=self.sampling_unet(), text_encoder=self.text_encoder, autoencoder=self.autoencoder,
             alphas_cumprod=self.loss.alphas_cumprod, objective=self.loss.objective, latent_stats=self.latent_stats,
             latent_norm=self.latent_norm, latent_shape=self.latent_shape,
-            class_names={int(k): v for k, v in (self.meta.get("class_names") or {}).items()},
+            class_names=self.class_names,
         )
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        """A class model's ``{label: name}`` from its cache's ``classes.json`` (stored as checkpoint metadata)."""
+        return {int(k): v for k, v in (self.meta.get("class_names") or {}).items()}
 
     @torch.no_grad()
     def sample_images(self, prompts: Sequence[Any], sampler: str, steps: int, cfg_scale: float, seed: int,
