@@ -179,8 +179,8 @@ def test_in_memory_latent_batches_are_gathered_whole_and_equal_per_sample_batche
 
 @pytest.mark.gpu
 def test_stage1_compiled_trains_like_eager_with_the_same_checkpoint_keys(tmp_path):
-    """module.compile=true for stage 1 (encoder, decoder, LPIPS, discriminator compiled; the adaptive GAN weight
-    differentiates the decoder twice): a run with the GAN active trains, its losses track the eager run's and its
+    """module.compile=true for stage 1 (encoder, decoder but its output conv, LPIPS, discriminator compiled; the
+    adaptive GAN weight differentiates LPIPS and the discriminator once, the output conv alone): a run with the GAN active trains, its losses track the eager run's and its
     checkpoint has the eager run's keys."""
     from ldm.checkpoint import load_torch_file
 

@@ -105,3 +105,65 @@ def test_loss_rejects_bad_settings():
         AutoencoderLoss(_ConstDisc(), perceptual=None, perceptual_weight=0.0, disc_loss="wgan")
     with pytest.raises(ValueError, match="perceptual"):
         AutoencoderLoss(_ConstDisc(), perceptual=None, perceptual_weight=1.0)
+
+
+class _FrozenPerceptual(nn.Module):
+    """A small frozen conv net standing in for LPIPS ``(x, y) -> [B]`` (the identity holds for any such net)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.requires_grad_(False)
+
+    def forward(self, x, y):
+        return (self.net(x) - self.net(y)).pow(2).mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+@pytest.mark.parametrize("scale", [None, 1024.0])
+def test_one_backward_objective_equals_adaptive_weight_and_plain_backward(kind, scale):
+    """Training's loss (LPIPS and the discriminator differentiated once) has the value and the gradients of the
+    reference: VQGAN's weight from two gradients at the last layer, then the backward of the plain sum. A loss
+    scale (16-mixed) changes nothing."""
+    from ldm.losses.autoencoder import VQAutoencoderLoss
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.models.discriminator import NLayerDiscriminator
+    from ldm.models.vq import VQModel
+
+    torch.manual_seed(0)
+    if kind == "kl":
+        model = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16, z_channels=4, embed_dim=4)
+        loss = AutoencoderLoss(NLayerDiscriminator(ndf=8, n_layers=2), _FrozenPerceptual(), disc_start=0, disc_weight=0.5, kl_weight=0.1,
+                               logvar_init=0.3)
+    else:
+        model = VQModel(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=16, z_channels=4, embed_dim=4, n_embed=16)
+        loss = VQAutoencoderLoss(NLayerDiscriminator(ndf=8, n_layers=2), _FrozenPerceptual(), disc_start=0,
+                                 disc_weight=0.6)
+    loss.discriminator.requires_grad_(False)  # as the generator step toggles it
+    params = [p for p in model.parameters() if p.requires_grad] + loss.generator_parameters()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    last = model.get_last_layer()
+
+    def forward():
+        gen = torch.Generator().manual_seed(3)
+        return model(x, generator=gen) if kind == "kl" else model(x)
+
+    recon, reg = forward()
+    nll, reg_term, _ = loss.fit(loss.reconstruction(x, recon), reg, x.shape[0])
+    g = generator_loss(loss.discriminator(recon), "hinge")
+    weight = adaptive_weight(nll, g, last) * loss.disc_weight
+    reference = nll + reg_term + weight * 0.5 * g  # disc_factor 0.5 below
+    ref_grads = torch.autograd.grad(reference, params)
+
+    loss.disc_factor = 0.5
+    recon, reg = forward()
+    total, logs = loss.generator_loss(x, recon, reg, step=0, last_layer=last,
+                                      grad_scale=None if scale is None else torch.tensor(scale))
+    grads = torch.autograd.grad(total, params)
+    assert total.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert logs["d_weight"].item() == pytest.approx(weight.item(), rel=1e-5)
+    noise = 1e-6 * max(b.abs().max() for b in ref_grads)  # biases before a GroupNorm: zero but for rounding
+    for p, a, b in zip(params, grads, ref_grads):  # fp32 rounding of two summation orders
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max() + noise, p.shape
+    assert any(gr.abs().sum() > 0 for gr in grads[-3:])  # the last layers and (KL) the log-variance learn

@@ -107,12 +107,12 @@ class AutoencoderModule(pl.LightningModule):
         self._resumed = False
         self._ema_pairs = None
         if (options := compile_options(compile)) is not None:  # after the EMA copy, which only validates
-            # the adaptive GAN weight differentiates the decoder's graph twice (retain_graph=True), which compiled
-            # backward graphs allow only without donated buffers
-            torch._functorch.config.donated_buffer = False
-            for part in (autoencoder.encoder, autoencoder.decoder, loss.perceptual, loss.discriminator):
+            for part in (autoencoder.encoder, loss.perceptual, loss.discriminator):
                 if part is not None:
                     part.compile(**options)
+            # the decoder's output conv stays out of its graph: the adaptive GAN weight differentiates it alone
+            decoder = autoencoder.decoder
+            decoder.features = torch.compile(decoder.features, **options)
 
     # ----------------------------------------------------------------------------------------------- setup
     def learning_rate(self) -> float:
@@ -169,7 +169,9 @@ class AutoencoderModule(pl.LightningModule):
         self.guard.begin_step(self)
         self.toggle_optimizer(opt_g)
         recon, posterior = self.autoencoder(x, generator=noise)
-        g_loss, logs = self.loss.generator_loss(x, recon, posterior, step, self.autoencoder.get_last_layer())
+        scaler = amp_scaler(self.trainer)  # 16-mixed: the adaptive weight's gradients are taken at the loss scale
+        scale = scaler.scale(torch.ones((), device=x.device)) if scaler is not None else None
+        g_loss, logs = self.loss.generator_loss(x, recon, posterior, step, self.autoencoder.get_last_layer(), scale)
         self._update(opt_g, g_loss, do_step)
         generator_applied = self.guard.last_applied
         self.untoggle_optimizer(opt_g)

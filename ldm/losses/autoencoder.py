@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ldm.losses.gan import adaptive_weight, discriminator_loss, gate, generator_loss
+from ldm.losses.gan import balance, discriminator_loss, gate, generator_loss
 from ldm.models.distributions import DiagonalGaussianDistribution
 from ldm.models.vq import Quantized
 
@@ -79,29 +79,63 @@ class FirstStageLoss(nn.Module):
         regularised: DiagonalGaussianDistribution | Quantized,
         step: int,
         last_layer: Tensor | None = None,
+        grad_scale: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Autoencoder (generator) loss and its parts for logging.
 
         inputs, recon: ``[B,3,H,W]`` in [-1, 1]; ``regularised``: the autoencoder's second output (the KL
         posterior, or what the quantiser did). ``last_layer`` is needed for the adaptive weight once the
-        discriminator is active during training; without it ``disc_weight`` is used as is.
+        discriminator is active during training; without it ``disc_weight`` is used as is. ``grad_scale``: the
+        AMP loss scale (16-mixed), by which the adaptive weight's gradients are taken so that fp16 does not
+        underflow them.
+
+        With the adaptive weight the returned loss is built so that one ``backward`` differentiates LPIPS and the
+        discriminator once (``_adaptive_objective``); its value and gradients are those of the plain sum.
         """
-        rec = self.reconstruction(inputs, recon)
+        rec_in = recon.float()  # where the loss terms meet the decoder
+        rec = self.reconstruction(inputs, rec_in)
         nll_loss, reg, logs = self.fit(rec, regularised, inputs.shape[0])
         loss = nll_loss + reg
         logs["rec_loss"] = rec.detach().mean()
         factor = gate(step, self.disc_start, self.disc_factor)
         if factor > 0:
-            logits_fake = self.discriminator(recon.contiguous())
+            logits_fake = self.discriminator(rec_in.to(recon.dtype).contiguous())
             g_loss = generator_loss(logits_fake.float(), self.disc_loss)
             if self.adaptive and last_layer is not None and torch.is_grad_enabled():
-                d_weight = adaptive_weight(nll_loss, g_loss, last_layer) * self.disc_weight
+                loss, d_weight = self._adaptive_objective(nll_loss, reg, g_loss, factor, rec_in, last_layer,
+                                                          grad_scale)
             else:
                 d_weight = torch.tensor(self.disc_weight, device=inputs.device)
-            loss = loss + d_weight * factor * g_loss
+                loss = loss + d_weight * factor * g_loss
             logs.update(g_loss=g_loss.detach(), d_weight=d_weight.detach())
         logs["loss"] = loss.detach()
         return loss, logs
+
+    def _adaptive_objective(self, nll_loss: Tensor, reg: Tensor, g_loss: Tensor, factor: float, rec_in: Tensor,
+                            last_layer: Tensor, grad_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``nll + reg + w factor g`` with VQGAN's adaptive ``w = disc_weight * balance(grad_L nll, grad_L g)`` at the last
+        layer L, as a loss whose one backward differentiates LPIPS and the discriminator once.
+
+        Both terms reach the autoencoder only through ``rec_in`` (nll also through the loss's own parameters), so
+        their gradients are taken there, each once; L's two gradients follow from differentiating the output conv
+        alone. The returned loss has the sum's value, and its backward sends ``grad nll + w factor grad g`` into ``rec_in``
+        (and the loss's parameters) and differentiates ``reg`` as usual. Differentiating each loss at L directly
+        (``adaptive_weight``) and then the total would run LPIPS's and the discriminator's backward twice, and a
+        decoder compiled as one graph three times. Returns ``(loss, w)``.
+        """
+        scale = 1.0 if grad_scale is None else grad_scale
+        own = [p for p in self.generator_parameters() if p.requires_grad]
+        nll_grads = torch.autograd.grad(nll_loss * scale, [rec_in, *own])  # frees LPIPS's graph, keeps the decoder's
+        (g_grad,) = torch.autograd.grad(g_loss * scale, [rec_in])
+        at_last = [torch.autograd.grad(rec_in, last_layer, grad, retain_graph=True)[0] / scale
+                   for grad in (nll_grads[0], g_grad)]
+        d_weight = balance(*at_last) * self.disc_weight
+        into_rec = (nll_grads[0] + d_weight * factor * g_grad) / scale
+        surrogate = (rec_in * into_rec).sum() + reg
+        for p, grad in zip(own, nll_grads[1:]):
+            surrogate = surrogate + (p * (grad / scale)).sum()
+        value = nll_loss.detach() + reg.detach() + d_weight * factor * g_loss.detach()
+        return surrogate - surrogate.detach() + value, d_weight
 
     def discriminator_step_loss(self, inputs: Tensor, recon: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Discriminator loss on real inputs vs. detached reconstructions; zero before ``disc_start``."""

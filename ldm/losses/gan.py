@@ -46,12 +46,18 @@ def adaptive_weight(
     """VQGAN Eq. 7: lambda = ||grad_L(rec)|| / (||grad_L(g)|| + eps), clamped to [0, max_weight], detached.
 
     `last_layer` is the decoder's output conv weight. Both losses must still hold their graphs; the graphs are
-    retained so the caller can back-propagate the total loss afterwards. Norms are taken in float32 so that
-    bf16/fp16 gradients do not underflow the ratio.
+    retained so the caller can back-propagate the total loss afterwards (which differentiates both losses once
+    more: training takes the faster way of ``FirstStageLoss.generator_loss``, which this definition checks).
     """
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0].float()
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0].float()
-    weight = rec_grad.norm() / (g_grad.norm() + eps)
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return balance(rec_grad, g_grad, max_weight, eps)
+
+
+def balance(rec_grad: Tensor, g_grad: Tensor, max_weight: float = 1e4, eps: float = 1e-4) -> Tensor:
+    """VQGAN Eq. 7 from the two gradients at the last layer: ||rec_grad|| / (||g_grad|| + eps), clamped to
+    [0, max_weight], in float32 (bf16/fp16 gradients must not underflow the ratio), detached."""
+    weight = rec_grad.float().norm() / (g_grad.float().norm() + eps)
     return weight.clamp(0.0, max_weight).detach()
 
 

@@ -254,11 +254,16 @@ class Decoder(nn.Module):
         self.norm_out = _norm(block_in)
         self.conv_out = _conv3x3(block_in, out_ch)
 
-    def forward(self, z: Tensor) -> Tensor:
+    def features(self, z: Tensor) -> Tensor:
+        """Everything before the output conv (compiled apart from it: the adaptive GAN weight differentiates that
+        conv alone, ``FirstStageLoss.generator_loss``)."""
         h = self.mid(self.conv_in(z))
         for i_level in reversed(range(self.num_resolutions)):
             level = self.up[i_level]
             h = _run_level(level, h)
             if i_level != 0:
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return F.silu(self.norm_out(h))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.conv_out(self.features(z))
