@@ -6,7 +6,9 @@
 # float16 --net vgg alex --out .carry/lpips16`) and `git archive <old commit> | tar -x -C .carry/base`.
 # JOBs:
 #   gpu_tests          pytest -m gpu on the guard, fast-path and stage-2 mixed-precision tests
-#   stage1_eager|stage1_compiled   train.py experiment=paper/kl_f8 at 256², batch 16, full loss (GAN from step 0)
+#   stage1_eager|stage1_compiled   train.py experiment=paper/kl_f8 at 256², batch 16, full loss (GAN from step 0);
+#                      with _old: the same from $BASE
+#   stage1_profile|stage1_profile_compiled   benchmarks/stage1_profile.py (the same run, a profiled window by part)
 #   <job>_cl           any stage1/small/sd15 job with module.channels_last=true (train.py and the loop alike)
 #   COMPILE_MODE=<mode> the compiled jobs with that torch.compile mode (module.compile=<mode>; loop alike)
 #   stage1_vq_f8       train.py experiment=paper/vq_f8 on `shapes` at 256² as the recipe says (batch 10, GAN from
@@ -41,13 +43,17 @@ for job in "$@"; do
     gpu_tests) timeout $(( left - 5 )) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_step_guard.py \
         tests/test_fast_paths.py tests/test_train_stage2.py > $OUT/$job.log 2>&1;;
     stage1_eager*|stage1_compiled*) c=false; case $job in stage1_compiled*) c=${COMPILE_MODE:-true};; esac
-      timeout $(( left - 5 )) python3 train.py run_name=$job experiment=paper/kl_f8 data=shapes trainer=gpu \
+      (cd "$root" && timeout $(( left - 5 )) python3 train.py run_name=$job experiment=paper/kl_f8 data=shapes trainer=gpu \
         data.num_workers=14 batch_size=16 module.scale_lr=false module.base_learning_rate=1e-4 loss.disc_start=0 \
         trainer.max_steps=$STEPS1 trainer.limit_val_batches=0 trainer.num_sanity_val_steps=0 \
         trainer.val_check_interval=100000 trainer.check_val_every_n_epoch=null latent_stats_images=16 \
         callbacks.throughput.warmup=30 module.compile=$c module.channels_last=$cl trainer.enable_progress_bar=false \
-        hydra.run.dir=/tmp/s1/$job > $OUT/$job.log 2>&1
+        hydra.run.dir=/tmp/s1/$job > $OUT/$job.log 2>&1)
       cp /tmp/s1/$job/perf.json $OUT/$job.perf.json 2>/dev/null;;
+    stage1_profile*) extra=""; case $job in *compiled*) extra="module.compile=${COMPILE_MODE:-true}";; esac
+      timeout $(( left - 5 )) python3 benchmarks/stage1_profile.py --raw-dir /tmp/s1prof --out $OUT/$job.json \
+        -- data.num_workers=14 module.channels_last=$cl $extra > $OUT/$job.log 2>&1
+      tar czf $OUT/$job.tgz -C /tmp s1prof;;
     stage1_vq_f8) timeout $(( left - 5 )) python3 train.py run_name=$job experiment=paper/vq_f8 data=shapes \
         trainer=gpu data.num_workers=14 trainer.max_steps=${STEPS_VQ:-300} trainer.limit_val_batches=8 \
         trainer.val_check_interval=$(( ${STEPS_VQ:-300} / 2 )) latent_stats_images=64 callbacks.throughput.warmup=30 \
@@ -76,5 +82,5 @@ for job in "$@"; do
       >> $OUT/$job.log 2>&1;;
   esac
   echo "[$(( $(date +%s) - START )) s] $job rc=$?"
-  grep -E '^\[ |passed|failed|images_per_s' $OUT/$job.log | tail -12
+  grep -E '^\[ |passed|failed|images_per_s|^stage 1:' $OUT/$job.log | tail -12
 done
