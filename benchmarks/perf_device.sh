@@ -18,6 +18,7 @@
 #   ddp_proof          benchmarks/ddp_proof.py --preset gpu on every GPU of the machine (issue 19; needs 2+): cache, stage 2
 #                      (small, sd15), stage 1, evaluate.py and SIGTERM under DDP against one GPU; ddp_proof.json and
 #                      ddp_logs.tgz to $OUT
+#   small_profile_new  small eager, loop and train.py with 3 profiled steps each (profiler tables in raw_<job>.tgz)
 #   small_eager_old|small_eager_new|small_compiled_new|sd15_eager_old|sd15_eager_new|sd15_compiled_new
 #                      benchmarks/train_vs_loop.py (loop and train.py alternating, --repeats), old = $BASE
 set -uo pipefail
@@ -70,6 +71,7 @@ for job in "$@"; do
         --ae-ckpt .carry/perf16/setup/ae.ckpt --out /tmp/ddp --deadline $(( left - 120 )) > $OUT/ddp_proof.log 2>&1
       cp /tmp/ddp/ddp_proof.json $OUT/ 2>/dev/null
       tar czf $OUT/ddp_logs.tgz -C /tmp --exclude='*.ckpt' --exclude='cache_*' --exclude=images --exclude='*.tar' ddp;;
+    small_profile_*) a="--preset small --modes eager --variants all_fixes --steps 30 --repeats 1";;
     small_eager_*) a="--preset small --modes eager --variants all_fixes --steps 40 --repeats 2";;
     small_compiled_*) a="--preset small --modes compiled --compiled-variants all_fixes --steps 40 --repeats 2";;
     sd15_eager_*) a="--preset sd15 --modes eager --variants all_fixes --steps 15 --repeats ${REPEATS:-2}";;
@@ -78,8 +80,10 @@ for job in "$@"; do
   case $job in small_*|sd15_*)
     [ $cl = true ] && a="$a --train-override module.channels_last=true"
     [ -n "${COMPILE_MODE:-}" ] && a="$a --compile-mode $COMPILE_MODE"
-    TVL_ROOT=$root timeout $(( left - 5 )) python3 $S $a $C --deadline $(( left - 40 )) --out $OUT/$job.json \
-      >> $OUT/$job.log 2>&1;;
+    p=""; case $job in *_profile_*) p="--profile-steps 3 --raw-dir /tmp/raw_$job";; esac
+    TVL_ROOT=$root timeout $(( left - 5 )) python3 $S $a $C $p --deadline $(( left - 40 )) --out $OUT/$job.json \
+      >> $OUT/$job.log 2>&1
+    [ -n "$p" ] && tar czf $OUT/raw_$job.tgz -C /tmp raw_$job;;
   esac
   echo "[$(( $(date +%s) - START )) s] $job rc=$?"
   grep -E '^\[ |passed|failed|images_per_s|^stage 1:' $OUT/$job.log | tail -12
