@@ -10,7 +10,9 @@
 #                      with _old: the same from $BASE
 #   stage1_profile|stage1_profile_compiled   benchmarks/stage1_profile.py (the same run, a profiled window by part)
 #   <job>_cl           any stage1/small/sd15 job with module.channels_last=true (train.py and the loop alike)
-#   COMPILE_MODE=<mode> the compiled jobs with that torch.compile mode (module.compile=<mode>; loop alike)
+#   COMPILE_MODE=<mode> the compiled jobs with that torch.compile mode (module.compile=<mode>; loop alike); a job
+#                      ending in _ro takes reduce-overhead (CUDA graphs), _mat max-autotune-no-cudagraphs
+#   sdpa_sd15|sdpa_small  benchmarks/sdpa_backends.py: each SDPA backend on the preset's attention shapes
 #   stage1_vq_f8       train.py experiment=paper/vq_f8 on `shapes` at 256² as the recipe says (batch 10, GAN from
 #                      step 1), STEPS_VQ steps, validation every half: losses, codebook usage, perplexity, PSNR
 #   fig6               benchmarks/fig6.py --preset gpu (the factors side by side) into /tmp/fig6, segments that end 20 s
@@ -40,10 +42,11 @@ for job in "$@"; do
   echo "[$(( $(date +%s) - START )) s] $job starts ($left s left)"
   root=$PWD; case $job in *_old) root=$(cd "$BASE" && pwd);; esac
   cl=false; case $job in *_cl) cl=true;; esac
+  mode=${COMPILE_MODE:-}; case $job in *_ro) mode=reduce-overhead;; *_mat) mode=max-autotune-no-cudagraphs;; esac
   case $job in
     gpu_tests) timeout $(( left - 5 )) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_step_guard.py \
         tests/test_fast_paths.py tests/test_train_stage2.py > $OUT/$job.log 2>&1;;
-    stage1_eager*|stage1_compiled*) c=false; case $job in stage1_compiled*) c=${COMPILE_MODE:-true};; esac
+    stage1_eager*|stage1_compiled*) c=false; case $job in stage1_compiled*) c=${mode:-true};; esac
       (cd "$root" && timeout $(( left - 5 )) python3 train.py run_name=$job experiment=paper/kl_f8 data=shapes trainer=gpu \
         data.num_workers=14 batch_size=16 module.scale_lr=false module.base_learning_rate=1e-4 loss.disc_start=0 \
         trainer.max_steps=$STEPS1 trainer.limit_val_batches=0 trainer.num_sanity_val_steps=0 \
@@ -51,7 +54,7 @@ for job in "$@"; do
         callbacks.throughput.warmup=30 module.compile=$c module.channels_last=$cl trainer.enable_progress_bar=false \
         hydra.run.dir=/tmp/s1/$job > $OUT/$job.log 2>&1)
       cp /tmp/s1/$job/perf.json $OUT/$job.perf.json 2>/dev/null;;
-    stage1_profile*) extra=""; case $job in *compiled*) extra="module.compile=${COMPILE_MODE:-true}";; esac
+    stage1_profile*) extra=""; case $job in *compiled*) extra="module.compile=${mode:-true}";; esac
       timeout $(( left - 5 )) python3 benchmarks/stage1_profile.py --raw-dir /tmp/s1prof --out $OUT/$job.json \
         -- data.num_workers=14 module.channels_last=$cl $extra > $OUT/$job.log 2>&1
       tar czf $OUT/$job.tgz -C /tmp s1prof;;
@@ -67,19 +70,21 @@ for job in "$@"; do
       cp /tmp/fig6/fig6.md /tmp/fig6/fig6.png $OUT/ 2>/dev/null
       tar czf $OUT/fig6.tgz -C /tmp --exclude='*.ckpt' --exclude=images --exclude='cache_f*' --exclude='fid_stats*' \
         --exclude='*.pt' --exclude='*.safetensors' fig6;;
+    sdpa_sd15|sdpa_small) timeout $(( left - 5 )) python3 benchmarks/sdpa_backends.py --preset ${job#sdpa_} \
+        --out $OUT/$job.json > $OUT/$job.log 2>&1;;
     ddp_proof) timeout $(( left - 5 )) python3 benchmarks/ddp_proof.py --preset gpu --nproc "$(nvidia-smi -L | wc -l)" \
         --ae-ckpt .carry/perf16/setup/ae.ckpt --out /tmp/ddp --deadline $(( left - 120 )) > $OUT/ddp_proof.log 2>&1
       cp /tmp/ddp/ddp_proof.json $OUT/ 2>/dev/null
       tar czf $OUT/ddp_logs.tgz -C /tmp --exclude='*.ckpt' --exclude='cache_*' --exclude=images --exclude='*.tar' ddp;;
     small_profile_*) a="--preset small --modes eager --variants all_fixes --steps 30 --repeats 1";;
     small_eager_*) a="--preset small --modes eager --variants all_fixes --steps 40 --repeats 2";;
-    small_compiled_*) a="--preset small --modes compiled --compiled-variants all_fixes --steps 40 --repeats 2";;
+    small_compiled_*) a="--preset small --modes compiled --compiled-variants all_fixes --steps 40 --repeats ${REPEATS:-2}";;
     sd15_eager_*) a="--preset sd15 --modes eager --variants all_fixes --steps 15 --repeats ${REPEATS:-2}";;
     sd15_compiled_*) a="--preset sd15 --modes compiled --compiled-variants all_fixes --steps 15 --repeats ${REPEATS:-2}";;
   esac
   case $job in small_*|sd15_*)
     [ $cl = true ] && a="$a --train-override module.channels_last=true"
-    [ -n "${COMPILE_MODE:-}" ] && a="$a --compile-mode $COMPILE_MODE"
+    [ -n "$mode" ] && a="$a --compile-mode $mode"
     p=""; case $job in *_profile_*) p="--profile-steps 3 --raw-dir /tmp/raw_$job";; esac
     TVL_ROOT=$root timeout $(( left - 5 )) python3 $S $a $C $p --deadline $(( left - 40 )) --out $OUT/$job.json \
       >> $OUT/$job.log 2>&1
