@@ -93,3 +93,5 @@ for job in "$@"; do
   echo "[$(( $(date +%s) - START )) s] $job rc=$?"
   grep -E '^\[ |passed|failed|images_per_s|^stage 1:' $OUT/$job.log | tail -12
 done
+# the device returns at most 8 files: the logs travel as one archive
+(cd $OUT && ls *.log > /dev/null 2>&1 && tar czf logs.tgz *.log && rm -f *.log)

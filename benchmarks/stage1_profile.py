@@ -40,7 +40,7 @@ def install_stage1_ranges() -> None:
     loss.reconstruction = ranged("ldm.loss.reconstruction (L1+LPIPS)", loss.reconstruction)
     loss.generator_loss = ranged("ldm.loss.generator_loss (all)", loss.generator_loss)
     loss.discriminator_step_loss = ranged("ldm.loss.discriminator_step_loss (fwd)", loss.discriminator_step_loss)
-    ae_loss.adaptive_weight = ranged("ldm.adaptive_weight (2 x autograd.grad)", ae_loss.adaptive_weight)
+    loss._adaptive_objective = ranged("ldm.loss._adaptive_objective (LPIPS+D backward)", loss._adaptive_objective)
     module = lit_autoencoder.AutoencoderModule
     module._update = ranged("ldm.module._update (backward + step)", module._update)
     lit_autoencoder.ema_update = ranged("ldm.ema_update", lit_autoencoder.ema_update)
