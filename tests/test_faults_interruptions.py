@@ -101,6 +101,44 @@ def test_nan_gradients_are_skipped_counted_and_never_applied(tmp_path, monkeypat
     assert metrics["train/skipped_steps"] == 2.0
 
 
+class RecordUNet(InjectNaN):
+    """InjectNaN that records the U-Net's and the EMA's own weights (not the module's state_dict, which would make
+    the module catch its EMA up) before the first step and after every step."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 0:
+            self.ema0 = {k: v.clone() for k, v in pl_module.unet_ema.state_dict().items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after[trainer.global_step - 1] = {k: v.clone() for k, v in pl_module.unet.state_dict().items()}
+
+
+def test_device_decided_ema_follows_exactly_the_applied_updates(tmp_path, monkeypatch):
+    """With the guard's decision on the device (fused AdamW), the EMA update of a step waits for that decision
+    (``_ema_catch_up``: in the next step, before its optimizer moves the weights). The checkpoint's EMA is still
+    exactly ``lerp(EMA, weights after s, 1 - decay(s))`` over the applied steps s in order, the skipped steps 2 and
+    3 (NaN gradients) left out."""
+    from ldm.models.ema import ema_decay_at
+
+    s1 = make_stage1_checkpoint(tmp_path / "s1" / "last.ckpt")
+    probe = RecordUNet({2, 3})
+    real_trainer = pl.Trainer
+    monkeypatch.setattr(pl, "Trainer", lambda *a, callbacks=(), **k: real_trainer(*a, callbacks=[*callbacks, probe], **k))
+    cfg = compose_train(STAGE2 + [f"autoencoder.pretrained={s1}", "trainer.max_steps=6", "+module.optimizer.fused=true",
+                                  f"paths.latent_cache_root={tmp_path / 'cache'}"], output_dir=tmp_path / "run")
+    train.train(cfg)
+    expected = probe.ema0
+    for step in range(6):
+        if step not in (2, 3):
+            weight = 1.0 - ema_decay_at(step, 0.9)
+            expected = {k: torch.lerp(v, probe.after[step][k], weight) if v.is_floating_point() else probe.after[step][k]
+                        for k, v in expected.items()}
+    final = load_torch_file(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert not torch.equal(final["unet_ema.out.2.weight"], probe.ema0["out.2.weight"])
+    for key, value in expected.items():
+        torch.testing.assert_close(final["unet_ema." + key], value, rtol=0, atol=0, msg=key)
+
+
 @pytest.mark.parametrize("stage", ["autoencoder", "ldm"])
 def test_diverging_run_stops_nonzero_and_writes_nothing_non_finite(tmp_path, stage):
     """A learning rate of 1e30: every step after the first is non-finite. The run stops after 3 skipped steps

@@ -111,6 +111,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self.history = list(history or [])
         self._resumed = False
         self._ema_pairs = None
+        self._ema_due: tuple[int, float] | None = None  # (step, decay) of an EMA update waiting for its guard decision
         if (options := compile_options(compile)) is not None:
             self.unet.compile(**options)
 
@@ -138,10 +139,12 @@ class LatentDiffusionModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
 
     def on_train_end(self) -> None:
+        self._ema_catch_up()
         self.guard.finish()  # the skip decisions not read yet (StepGuard reads them a step late)
 
     def on_train_start(self) -> None:
         self._ema_pairs = None
+        self._ema_due = None
         if self._resumed:  # the new config's optimizer settings and LR schedule, at the resumed step
             restart_optimisation(self, [self.optimizer_factory], self.learning_rate(), self.lr_scheduler_factory)
 
@@ -172,6 +175,7 @@ class LatentDiffusionModule(pl.LightningModule):
         return poison_if_not_finite(loss)
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        self._ema_catch_up()  # the previous step's EMA, before this step moves the weights it follows
         # after AMP unscaling (16-mixed), so the clip threshold is in true gradient units; non-finite gradients
         # are dropped here, so the step applies nothing
         self.guard.check(optimizer, self.gradient_clip_val, amp_scaler(self.trainer))
@@ -179,11 +183,12 @@ class LatentDiffusionModule(pl.LightningModule):
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         step = self.global_step
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        # the EMA follows every applied update, inside the step, so a checkpoint saved at any hook holds both
         if self.unet_ema is not None:
-            self._ema_pairs = self._ema_pairs or ema_pairs(self.unet_ema, self.unet)  # matched once per fit
-            ema_update(self.unet_ema, self.unet, ema_decay_at(step, self.ema_decay), applied=self.guard.last_applied,
-                       pairs=self._ema_pairs)
+            applied = self.guard.last_applied
+            if isinstance(applied, Tensor):  # decided on the device: the update waits (_ema_catch_up)
+                self._ema_due = (step, ema_decay_at(step, self.ema_decay))
+            else:
+                self._ema_update(ema_decay_at(step, self.ema_decay), applied)
         self.guard.end_step(step)
         self.log("train/skipped_steps", torch.tensor(float(self.guard.total)))  # CPU: no copy to the GPU
 
@@ -197,7 +202,31 @@ class LatentDiffusionModule(pl.LightningModule):
         self.log("val/eps_mse", logs["eps_mse"], sync_dist=True, batch_size=batch["mean"].shape[0])
 
     # ------------------------------------------------------------------------------------------- sampling
+    def _ema_catch_up(self) -> None:
+        """The EMA update of the latest optimizer step, if still due.
+
+        The EMA follows only applied updates. When the bad-step guard decides on the device (a fused optimizer),
+        the update waits until that decision is on the host: in the next step, once its backward is queued (when
+        the guard's copy of the decision has long arrived), and before its optimizer moves the weights. Then it
+        is one plain multi-tensor ``lerp``, instead of an update weighted on the device (three multi-tensor ops
+        and scratch memory: the largest host cost ``train.py`` had over a hand-written loop). Every reader of the
+        EMA (``state_dict``, so any checkpoint; sampling; validation; the end of training) catches up first."""
+        if self._ema_due is None:
+            return
+        step, decay = self._ema_due
+        self._ema_due = None
+        self._ema_update(decay, self.guard.applied_at(step))
+
+    def _ema_update(self, decay: float, applied: bool) -> None:
+        self._ema_pairs = self._ema_pairs or ema_pairs(self.unet_ema, self.unet)  # matched once per fit
+        ema_update(self.unet_ema, self.unet, decay, applied=applied, pairs=self._ema_pairs)
+
+    def state_dict(self, *args, **kwargs):
+        self._ema_catch_up()  # a checkpoint, saved at any hook, holds the EMA of every update it holds
+        return super().state_dict(*args, **kwargs)
+
     def sampling_unet(self) -> nn.Module:
+        self._ema_catch_up()
         return self.unet_ema if self.unet_ema is not None else self.unet
 
     def pipeline(self) -> LatentDiffusion:

@@ -109,7 +109,8 @@ class StepGuard:
 
     - *on the device, no host sync* (a fused optimizer, e.g. AdamW on CUDA, without an AMP grad scaler): the
       decision stays a GPU tensor handed to the fused kernel as ``found_inf`` (the mechanism ``GradScaler`` uses),
-      the EMA update is weighted by it (``applied``), and the host reads it one step later (a non-blocking copy),
+      the EMA update waits for it (stage 2, ``applied_at``) or is weighted by it (stage 1), and the host reads it
+      one step later (a non-blocking copy),
       so the counter, the warning and the stop come one step late and a step never waits for the GPU.
     - *on the host* (any other optimizer, or 16-mixed, whose scaler decides itself): ``bool(isfinite(norm))``,
       one sync per update, and the gradients of a bad update are set to ``None``.
@@ -200,6 +201,16 @@ class StepGuard:
             self._count(step, not applied)
         if self.max_consecutive and self.in_a_row >= self.max_consecutive:
             raise NonFiniteTrainingError(self._last_bad, self.in_a_row, self.total)
+
+    def applied_at(self, step: int) -> bool:
+        """Whether the latest step's update, ``step``, was applied, on the host: its device decision is read (waiting
+        only for that step's own GPU work, normally done by the time the next step's backward is queued)."""
+        for pending_step, bad, event in self._pending:
+            if pending_step == step:
+                if event is not None:
+                    event.synchronize()
+                return not bool(bad)
+        return self._last_bad != step  # read already (a checkpoint or the end of training settled it)
 
     def finish(self) -> None:
         """Read every pending decision (end of training; before a checkpoint) and stop on a bad streak."""
