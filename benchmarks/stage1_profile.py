@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pytorch_lightning as pl  # noqa: E402
-from train_vs_loop import compose_train, revision  # noqa: E402
+from train_vs_loop import BenchCallback, compose_train, revision  # noqa: E402
 from tvl_measure import RangeProfiler, Window, install_data_timer, ranged  # noqa: E402,F401 (Hydra: __main__.RangeProfiler)
 
 import ldm.lit.autoencoder as lit_autoencoder  # noqa: E402
@@ -49,20 +49,6 @@ def install_stage1_ranges() -> None:
     pl.LightningModule.log_dict = ranged("pl.LightningModule.log_dict", pl.LightningModule.log_dict)
     from ldm.models.autoencoder import AutoencoderKL
     AutoencoderKL.forward = ranged("ldm.autoencoder.forward", AutoencoderKL.forward)
-
-
-class Stage1Window(pl.Callback):
-    window: Window | None = None  # set by main before train() instantiates the callback
-
-    def __init__(self) -> None:
-        self.i = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.window.before(self.i)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.window.after(self.i)
-        self.i += 1
 
 
 def main(argv=None) -> dict:
@@ -90,10 +76,10 @@ def main(argv=None) -> dict:
         "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "trainer.val_check_interval=100000",
         "trainer.check_val_every_n_epoch=null", "latent_stats_images=16", "trainer.enable_progress_bar=false",
         f"callbacks.throughput.warmup={args.warmup + args.profile_steps}", f"run_name={run_dir.name}",
-        "+callbacks.stage1_window._target_=__main__.Stage1Window",
+        "+callbacks.window._target_=train_vs_loop.BenchCallback", "+callbacks.window.key=stage1",
         "+trainer.profiler._target_=__main__.RangeProfiler", *args.overrides]
-    Stage1Window.window = Window(device, args.batch, args.warmup, args.profile_steps, args.steps, "stage1_train_py",
-                                 args.raw_dir)
+    window = BenchCallback.registry["stage1"] = Window(device, args.batch, args.warmup, args.profile_steps, args.steps,
+                                                       "stage1_train_py", args.raw_dir)
     cfg = compose_train(overrides, run_dir)
     import train as train_py
     t0 = time.perf_counter()
@@ -102,7 +88,7 @@ def main(argv=None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "lightning": pl.__version__, "command": " ".join(sys.argv),
         "code_revision": revision(), "overrides": overrides, "wall_s": round(time.perf_counter() - t0, 1),
-        "result": Stage1Window.window.result,
+        "result": window.result,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
