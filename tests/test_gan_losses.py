@@ -164,6 +164,6 @@ def test_one_backward_objective_equals_adaptive_weight_and_plain_backward(kind, 
     assert total.item() == pytest.approx(reference.item(), rel=1e-6)
     assert logs["d_weight"].item() == pytest.approx(weight.item(), rel=1e-5)
     noise = 1e-6 * max(b.abs().max() for b in ref_grads)  # biases before a GroupNorm: zero but for rounding
-    for p, a, b in zip(params, grads, ref_grads):  # fp32 rounding of two summation orders
+    for p, a, b in zip(params, grads, ref_grads, strict=True):  # fp32 rounding of two summation orders
         assert (a - b).abs().max() <= 1e-5 * b.abs().max() + noise, p.shape
     assert any(gr.abs().sum() > 0 for gr in grads[-3:])  # the last layers and (KL) the log-variance learn

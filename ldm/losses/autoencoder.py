@@ -132,7 +132,7 @@ class FirstStageLoss(nn.Module):
         d_weight = balance(*at_last) * self.disc_weight
         into_rec = (nll_grads[0] + d_weight * factor * g_grad) / scale
         surrogate = (rec_in * into_rec).sum() + reg
-        for p, grad in zip(own, nll_grads[1:]):
+        for p, grad in zip(own, nll_grads[1:], strict=True):
             surrogate = surrogate + (p * (grad / scale)).sum()
         value = nll_loss.detach() + reg.detach() + d_weight * factor * g_loss.detach()
         return surrogate - surrogate.detach() + value, d_weight
