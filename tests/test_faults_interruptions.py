@@ -13,6 +13,7 @@ points: tests/test_faults_checkpoints.py.)
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -137,6 +138,23 @@ def test_device_decided_ema_follows_exactly_the_applied_updates(tmp_path, monkey
     assert not torch.equal(final["unet_ema.out.2.weight"], probe.ema0["out.2.weight"])
     for key, value in expected.items():
         torch.testing.assert_close(final["unet_ema." + key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_deferred_ema_is_the_same_on_every_ddp_rank_after_a_rank_0_only_reader(tmp_path):
+    """2 gloo processes, fused AdamW (the EMA waits for the guard's decision): the sample grid, which only rank 0
+    draws, reads the EMA at the last step, before the other rank has applied that step's update. The ranks must
+    still agree (the consistency check reads what a checkpoint reads) and the run must end well."""
+    s1 = make_stage1_checkpoint(tmp_path / "s1" / "last.ckpt")
+    args = ["debug=ddp_cpu", *[a for a in STAGE2 if not a.startswith(("trainer.accelerator", "callbacks.sample_grid"))],
+            f"autoencoder.pretrained={s1}", f"paths.latent_cache_root={tmp_path / 'cache'}", "+module.optimizer.fused=true",
+            "trainer.max_steps=4", "trainer.val_check_interval=3", "trainer.check_val_every_n_epoch=null",
+            "callbacks.sample_grid.every_n_steps=2", "callbacks.sample_grid.steps=2",
+            "callbacks.sample_grid.images_per_prompt=1"]
+    proc = run_train(args, tmp_path / "run", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    sums = json.loads((tmp_path / "run" / "rank_checksums.json").read_text())
+    assert len(sums) == 2 and sums[0] == sums[1]
 
 
 @pytest.mark.parametrize("stage", ["autoencoder", "ldm"])

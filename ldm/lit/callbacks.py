@@ -114,14 +114,20 @@ def log_image(trainer: pl.Trainer, key: str, grid: torch.Tensor, step: int, capt
 
 class RankConsistencyCheck(pl.Callback):
     """At the end of training, compare a checksum of every parameter across DDP ranks and fail loudly if
-    any rank diverged (e.g. a gradient that was never all-reduced). Writes ``rank_checksums.json``."""
+    any rank diverged (e.g. a gradient that was never all-reduced). Writes ``rank_checksums.json``.
+
+    The parameters are read as a checkpoint reads them (``state_dict``), so a module that defers an update (stage
+    2's EMA, which waits for the bad-step guard's decision) applies it first, on every rank alike: a rank-0-only
+    reader such as the sample grid may have applied it already on rank 0."""
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        sums = torch.stack([p.detach().double().sum() for p in pl_module.parameters()])
-        sq = torch.stack([p.detach().double().pow(2).sum() for p in pl_module.parameters()])
+        state = pl_module.state_dict()
+        params = [state[name] for name, _ in pl_module.named_parameters()]
+        sums = torch.stack([p.detach().double().sum() for p in params])
+        sq = torch.stack([p.detach().double().pow(2).sum() for p in params])
         local = torch.stack([sums, sq]).to(pl_module.device)
         gathered = pl_module.all_gather(local)  # [world, 2, P] (or [2, P] on one process)
         if gathered.dim() == 2:
