@@ -17,12 +17,13 @@ Every split is cached in its canonical view: datasets that take ``crop``/``flip`
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -230,85 +231,105 @@ def build_cache(
     autocast = autocast_dtype(precision, device, half_on_auto=False)
     rank, world = init_distributed(device)  # the env:// rendezvous of torchrun; a no-op in one process
     out_dir = Path(out_dir)
+    # one process at a time per folder (sweep jobs started together); the ranks of one job meet at barriers
+    with _exclusive_build(out_dir) if rank == 0 else nullcontext():
 
-    model, stats = build_autoencoder(ckpt)
-    model = model.requires_grad_(False).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    identity = autoencoder_identity(model)
-    text_id = None
-    if text_encoder is not None:
-        text_encoder = text_encoder.to(device).eval()
-        text_id = json.loads(json.dumps(text_encoder.identity()))  # as it reads back from JSON
-    datasets = {split: canonical_dataset(data_module, split) for split in splits}
-    plans = {split: plan_units(split, ds, shard_size, max_images) for split, ds in datasets.items()}
-    # image side from the first sample (map-style) or the shard reader's transform (webdataset)
-    first = datasets[splits[0]]
-    side = first.transform.resolution if isinstance(first, IterableDataset) else int(first[0]["image"].shape[-1])
-    with torch.inference_mode():
-        latent_shape = list(model.encode(torch.zeros(1, 3, side, side, device=device)).mean.shape[1:])
-    settings = {split: {"autoencoder": identity, "dtype": dtype, "latent_shape": latent_shape,
-                        "text_encoder": text_id, "source": repr(ds),
-                        "shard_size": None if isinstance(ds, IterableDataset) else shard_size}
-                for split, ds in datasets.items()}
+        model, stats = build_autoencoder(ckpt)
+        model = model.requires_grad_(False).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        identity = autoencoder_identity(model)
+        text_id = None
+        if text_encoder is not None:
+            text_encoder = text_encoder.to(device).eval()
+            text_id = json.loads(json.dumps(text_encoder.identity()))  # as it reads back from JSON
+        datasets = {split: canonical_dataset(data_module, split) for split in splits}
+        plans = {split: plan_units(split, ds, shard_size, max_images) for split, ds in datasets.items()}
+        # image side from the first sample (map-style) or the shard reader's transform (webdataset)
+        first = datasets[splits[0]]
+        side = first.transform.resolution if isinstance(first, IterableDataset) else int(first[0]["image"].shape[-1])
+        with torch.inference_mode():
+            latent_shape = list(model.encode(torch.zeros(1, 3, side, side, device=device)).mean.shape[1:])
+        settings = {split: {"autoencoder": identity, "dtype": dtype, "latent_shape": latent_shape,
+                            "text_encoder": text_id, "source": repr(ds),
+                            "shard_size": None if isinstance(ds, IterableDataset) else shard_size}
+                    for split, ds in datasets.items()}
 
-    problems = [] if overwrite else settings_problems(out_dir, settings, identity, dtype, latent_shape, text_id)
-    if problems:
-        raise ValueError(f"{out_dir} holds a latent cache made with other settings:\n  - " + "\n  - ".join(problems)
-                         + "\nPass overwrite=true to replace it, or choose another out_dir.")
-    previous = None if overwrite else read_json(out_dir / MANIFEST_NAME)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        clean_cache_dir(out_dir, splits, {s: len(p) for s, p in plans.items()}, everything=overwrite)
-        for split in splits:
-            (out_dir / split).mkdir(exist_ok=True)
-    barrier()
+        problems = [] if overwrite else settings_problems(out_dir, settings, identity, dtype, latent_shape, text_id)
+        if problems:
+            raise ValueError(f"{out_dir} holds a latent cache made with other settings:\n  - " + "\n  - ".join(problems)
+                             + "\nPass overwrite=true to replace it, or choose another out_dir.")
+        previous = None if overwrite else read_json(out_dir / MANIFEST_NAME)
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            clean_cache_dir(out_dir, splits, {s: len(p) for s, p in plans.items()}, everything=overwrite)
+            for split in splits:
+                (out_dir / split).mkdir(exist_ok=True)
+        barrier()
 
-    job = _Job(model, text_encoder, device, autocast, channels_last, stored,
-               latent_shape, out_dir, settings, rank, world)
-    units = [u for split in splits for u in plans[split]]
-    mine = [u for k, u in enumerate(units) if k % world == rank]
-    pending = [u for u in mine if finished_shard(out_dir, u, settings[u.split], full=True) is None]
-    log.info("rank %d/%d: %d of its %d shards to write (%d already done) -> %s", rank, world, len(pending),
-             len(mine), len(mine) - len(pending), out_dir)
-    if pending:
-        _encode_units(job, datasets, pending, batch_size or data_module.batch_size,
-                      data_module.num_workers if num_workers is None else num_workers, progress and rank == 0,
-                      on_shard_done)
-    barrier()
+        job = _Job(model, text_encoder, device, autocast, channels_last, stored,
+                   latent_shape, out_dir, settings, rank, world)
+        units = [u for split in splits for u in plans[split]]
+        mine = [u for k, u in enumerate(units) if k % world == rank]
+        pending = [u for u in mine if finished_shard(out_dir, u, settings[u.split], full=True) is None]
+        log.info("rank %d/%d: %d of its %d shards to write (%d already done) -> %s", rank, world, len(pending),
+                 len(mine), len(mine) - len(pending), out_dir)
+        if pending:
+            _encode_units(job, datasets, pending, batch_size or data_module.batch_size,
+                          data_module.num_workers if num_workers is None else num_workers, progress and rank == 0,
+                          on_shard_done)
+        barrier()
 
-    if rank == 0:
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        manifest = {
-            "format": CACHE_FORMAT, "version": CACHE_VERSION, "ldm_version": ldm.__version__,
-            "created": (previous or {}).get("created") or now, "updated": now,
-            "autoencoder": {"ckpt_path": None if ckpt_path in (None, PIXEL_SPACE) else str(Path(ckpt_path).resolve()),
-                            "identity": identity, "config": ckpt["ldm"]["config"].get("autoencoder")},
-            "latent_stats": stats, "latent_shape": latent_shape, "dtype": dtype, "resolution": side,
-            "precision": precision, "shard_size": shard_size, "world_size": world,
-            "dataset": getattr(data_module, "describe", data_module.__repr__)(),
-            "splits": {split: split_entry(out_dir, plans[split], settings[split]) for split in splits},
-        }
-        # splits cached into this folder earlier with the same settings (checked above) stay listed
-        for split, entry in (previous or {}).get("splits", {}).items():
-            manifest["splits"].setdefault(split, entry)
-        labels = any(v.get("labels") for v in manifest["splits"].values())
-        if labels:  # the class index: every label of the cache, its name where the data gives one, counts per split
-            manifest["classes"] = class_index(manifest["splits"])
-            write_json(out_dir / CLASSES_NAME, manifest["classes"])
-        context = next((v["context_shape"] for v in manifest["splits"].values() if v.get("context_shape")), None)
-        manifest["text_encoder"] = None if text_id is None else {"identity": text_id, "context_shape": context}
-        manifest["fields"] = ["mean", "logvar", "caption", "attributes", "key"] + ["label"] * labels + (
-            ["context", "context_mask"] if text_id is not None else [])
-        write_json(out_dir / MANIFEST_NAME, manifest)
-        log.info("latent cache %s: %s", out_dir, ", ".join(f"{s} {v['num_samples']} samples in {len(v['shards'])} "
-                                                            "shards" for s, v in manifest["splits"].items()))
-        for split, entry in manifest["splits"].items():
-            if entry.get("n_bad"):  # unreadable images, broken members or labels: skipped, never cached
-                log.warning("latent cache %s: %d %s sample(s) could not be read and were skipped (n_bad in "
-                            "manifest.json; the dataset's warnings name them)", out_dir, entry["n_bad"], split)
-    barrier()
-    return json.loads((out_dir / MANIFEST_NAME).read_text())
+        if rank == 0:
+            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            manifest = {
+                "format": CACHE_FORMAT, "version": CACHE_VERSION, "ldm_version": ldm.__version__,
+                "created": (previous or {}).get("created") or now, "updated": now,
+                "autoencoder": {"ckpt_path": None if ckpt_path in (None, PIXEL_SPACE) else str(Path(ckpt_path).resolve()),
+                                "identity": identity, "config": ckpt["ldm"]["config"].get("autoencoder")},
+                "latent_stats": stats, "latent_shape": latent_shape, "dtype": dtype, "resolution": side,
+                "precision": precision, "shard_size": shard_size, "world_size": world,
+                "dataset": getattr(data_module, "describe", data_module.__repr__)(),
+                "splits": {split: split_entry(out_dir, plans[split], settings[split]) for split in splits},
+            }
+            # splits cached into this folder earlier with the same settings (checked above) stay listed
+            for split, entry in (previous or {}).get("splits", {}).items():
+                manifest["splits"].setdefault(split, entry)
+            labels = any(v.get("labels") for v in manifest["splits"].values())
+            if labels:  # the class index: every label of the cache, its name where the data gives one, counts per split
+                manifest["classes"] = class_index(manifest["splits"])
+                write_json(out_dir / CLASSES_NAME, manifest["classes"])
+            context = next((v["context_shape"] for v in manifest["splits"].values() if v.get("context_shape")), None)
+            manifest["text_encoder"] = None if text_id is None else {"identity": text_id, "context_shape": context}
+            manifest["fields"] = ["mean", "logvar", "caption", "attributes", "key"] + ["label"] * labels + (
+                ["context", "context_mask"] if text_id is not None else [])
+            write_json(out_dir / MANIFEST_NAME, manifest)
+            log.info("latent cache %s: %s", out_dir, ", ".join(f"{s} {v['num_samples']} samples in {len(v['shards'])} "
+                                                                "shards" for s, v in manifest["splits"].items()))
+            for split, entry in manifest["splits"].items():
+                if entry.get("n_bad"):  # unreadable images, broken members or labels: skipped, never cached
+                    log.warning("latent cache %s: %d %s sample(s) could not be read and were skipped (n_bad in "
+                                "manifest.json; the dataset's warnings name them)", out_dir, entry["n_bad"], split)
+        barrier()
+        return json.loads((out_dir / MANIFEST_NAME).read_text())
+
+
+@contextmanager
+def _exclusive_build(out_dir: Path):
+    """Hold ``.<name>.lock`` beside ``out_dir`` while building it. Jobs of a sweep started together on the same
+    (default) cache folder then take turns: the first builds it, the others wait and find every shard done,
+    instead of deleting each other's unfinished shards. (``flock``: one host, or a file system that supports it.)"""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building the latent cache %s: waiting for it to finish", out_dir)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------- Hydra entry

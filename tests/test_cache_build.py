@@ -264,3 +264,30 @@ def test_two_ranks_with_torchrun(stage1_ckpt, tmp_path):
     assert list(ranks.values()) == [0, 1, 0, 1]
     assert len(keys) == len(set(keys)) == 16
     assert set(keys) == {f"shapes/train/{i:07d}" for i in range(12)} | {f"shapes/val/{i:07d}" for i in range(4)}
+
+
+def test_two_processes_building_one_cache_take_turns(stage1_ckpt, tmp_path, caplog):
+    """Two builders of the same folder at once (jobs of a sweep on the default cache folder): before, each deleted
+    the other's unfinished shards (".tmp-" files) and one failed. Now the second waits for the first and finds
+    every shard done; both return the complete manifest."""
+    import threading
+
+    out, results, errors = tmp_path / "cache", [], []
+
+    def build():
+        try:
+            results.append(_cache(stage1_ckpt, out))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    with caplog.at_level("INFO", logger="ldm.cache"):
+        threads = [threading.Thread(target=build) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    assert not errors, errors
+    assert len(results) == 2 and all(r["splits"]["train"]["num_samples"] == TRAIN for r in results)
+    assert "waiting for it to finish" in caplog.text
+    assert "0 of its 4 shards to write (4 already done)" in caplog.text  # the second builder wrote nothing again
+    assert read_manifest(out)["splits"]["val"]["num_samples"] == VAL
