@@ -102,7 +102,10 @@ def train(cfg: DictConfig, outcome: dict | None = None) -> dict[str, float]:
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)  # the full state: resumable
         if trainer.is_global_zero and cfg.stage_name == "autoencoder":
             write_latent_stats(cfg, trainer, data, run_dir)
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if "train/skipped_steps" in metrics:  # with the guard deciding on the GPU, the last step is counted after its log
+        metrics["train/skipped_steps"] = float(module.guard.total)
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -140,6 +140,20 @@ def test_device_decided_ema_follows_exactly_the_applied_updates(tmp_path, monkey
         torch.testing.assert_close(final["unet_ema." + key], value, rtol=0, atol=0, msg=key)
 
 
+def test_a_bad_last_step_is_counted_in_what_the_run_returns(tmp_path, monkeypatch):
+    """Fused AdamW (the guard decides on the device and reads the decision a step late): a NaN gradient in the last
+    step is still counted in the metrics train() returns (what a sweep records), as in the checkpoint."""
+    s1 = make_stage1_checkpoint(tmp_path / "s1" / "last.ckpt")
+    probe = InjectNaN({5})
+    real_trainer = pl.Trainer
+    monkeypatch.setattr(pl, "Trainer", lambda *a, callbacks=(), **k: real_trainer(*a, callbacks=[*callbacks, probe], **k))
+    cfg = compose_train(STAGE2 + [f"autoencoder.pretrained={s1}", "trainer.max_steps=6", "+module.optimizer.fused=true",
+                                  f"paths.latent_cache_root={tmp_path / 'cache'}"], output_dir=tmp_path / "run")
+    metrics = train.train(cfg)
+    assert metrics["train/skipped_steps"] == 1.0
+    assert load_torch_file(tmp_path / "run" / "checkpoints" / "last.ckpt")["ldm"]["guard"]["total"] == 1
+
+
 @pytest.mark.slow
 def test_deferred_ema_is_the_same_on_every_ddp_rank_after_a_rank_0_only_reader(tmp_path):
     """2 gloo processes, fused AdamW (the EMA waits for the guard's decision): the sample grid, which only rank 0
