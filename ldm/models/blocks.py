@@ -157,14 +157,19 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 
+def _resampled_width(kind: str, channels: int, use_conv: bool, out_channels: int | None) -> int:
+    out = out_channels or channels
+    if not use_conv and out != channels:
+        raise ValueError(f"{kind} without conv cannot change the width; set use_conv=True")
+    return out
+
+
 class Downsample(nn.Module):
     """Halve H and W: 3x3 conv with stride 2 and padding 1 (``op``), or 2x2 average pooling without conv."""
 
     def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None) -> None:
         super().__init__()
-        out = out_channels or channels
-        if not use_conv and out != channels:
-            raise ValueError("Downsample without conv cannot change the width; set use_conv=True")
+        out = _resampled_width("Downsample", channels, use_conv, out_channels)
         self.op = nn.Conv2d(channels, out, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, 2)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -176,9 +181,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None) -> None:
         super().__init__()
-        out = out_channels or channels
-        if not use_conv and out != channels:
-            raise ValueError("Upsample without conv cannot change the width; set use_conv=True")
+        out = _resampled_width("Upsample", channels, use_conv, out_channels)
         self.use_conv = use_conv
         if use_conv:
             self.conv = nn.Conv2d(channels, out, 3, padding=1)

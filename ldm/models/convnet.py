@@ -19,11 +19,15 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm.models.blocks import GroupNorm32
+
 GROUPS = 32  # GroupNorm groups of the released models; every channel count must be divisible by it.
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=GROUPS, num_channels=channels, eps=1e-6, affine=True)
+    # the U-Net's GroupNorm: under bf16/fp16 autocast it keeps the activations in half precision instead of
+    # autocast's fp32 copy of every map (exactly nn.GroupNorm in fp32)
+    return GroupNorm32(num_groups=GROUPS, num_channels=channels, eps=1e-6, affine=True)
 
 
 def _conv3x3(c_in: int, c_out: int) -> nn.Conv2d:
