@@ -239,6 +239,7 @@ def failures(result: dict) -> list[str]:
 
     def walk(node: dict, where: str) -> None:
         for key, value in node.items():
+            key = str(key)  # per-rank results are keyed by the number of processes
             if key == "rc" or key.startswith("rc_"):
                 if value != 0:
                     bad.append(f"{where} {key}={value}")
