@@ -316,11 +316,11 @@ def build_cache(
 
 @contextmanager
 def _exclusive_build(out_dir: Path):
-    """Hold ``.<name>.lock`` beside ``out_dir`` while building it. Jobs of a sweep started together on the same
-    (default) cache folder then take turns: the first builds it, the others wait and find every shard done,
-    instead of deleting each other's unfinished shards. (``flock``: one host, or a file system that supports it.)"""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.parent / f".{out_dir.name}.lock", "a+") as handle:
+    """Hold ``out_dir/.build.lock`` while building. Jobs of a sweep started together on the same (default) cache
+    folder then take turns: the first builds it, the others wait and find every shard done, instead of deleting
+    each other's unfinished shards. (``flock``: one host, or a file system that supports it.)"""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".build.lock", "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
