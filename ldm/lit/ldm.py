@@ -184,11 +184,11 @@ class LatentDiffusionModule(pl.LightningModule):
         step = self.global_step
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self.unet_ema is not None:
-            applied = self.guard.last_applied
-            if isinstance(applied, Tensor):  # decided on the device: the update waits (_ema_catch_up)
-                self._ema_due = (step, ema_decay_at(step, self.ema_decay))
+            decay = ema_decay_at(step, self.ema_decay)
+            if isinstance(self.guard.last_applied, Tensor):  # decided on the device: the update waits (_ema_catch_up)
+                self._ema_due = (step, decay)
             else:
-                self._ema_update(ema_decay_at(step, self.ema_decay), applied)
+                self._ema_update(decay, self.guard.last_applied)
         self.guard.end_step(step)
         self.log("train/skipped_steps", torch.tensor(float(self.guard.total)))  # CPU: no copy to the GPU
 

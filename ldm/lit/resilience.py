@@ -110,8 +110,8 @@ class StepGuard:
     - *on the device, no host sync* (a fused optimizer, e.g. AdamW on CUDA, without an AMP grad scaler): the
       decision stays a GPU tensor handed to the fused kernel as ``found_inf`` (the mechanism ``GradScaler`` uses),
       the EMA update waits for it (stage 2, ``applied_at``) or is weighted by it (stage 1), and the host reads it
-      one step later (a non-blocking copy),
-      so the counter, the warning and the stop come one step late and a step never waits for the GPU.
+      one step later (a non-blocking copy), so the counter, the warning and the stop come one step late and a step
+      never waits for the GPU.
     - *on the host* (any other optimizer, or 16-mixed, whose scaler decides itself): ``bool(isfinite(norm))``,
       one sync per update, and the gradients of a bad update are set to ``None``.
 
