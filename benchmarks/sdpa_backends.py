@@ -92,26 +92,24 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     device = torch.device("cuda")
     shapes = record_shapes(args.preset, device)
-    rows, totals = [], Counter()
+    rows = []
     for (q_shape, k_shape, masked), calls in sorted(shapes.items()):
         row = {"q": q_shape, "k": k_shape, "masked": masked, "calls_per_step": calls}
-        for name, backend in BACKENDS.items():
+        for name, backend in {**BACKENDS, "default": None}.items():
             if name == "math" and q_shape[2] * k_shape[2] * q_shape[0] * q_shape[1] > 2**31:
                 row[name] = None  # the math path materialises the score matrix: tens of GiB here
-                continue
-            row[name] = ms = time_backend(q_shape, k_shape, masked, backend, device, args.reps)
-            if ms is not None:
-                totals[name] += ms * calls
-        row["default"] = ms = time_backend(q_shape, k_shape, masked, None, device, args.reps)
-        totals["default"] += ms * calls
-        fastest = min((n for n in BACKENDS if row.get(n) is not None), key=lambda n: row[n])
-        row["fastest"] = fastest
-        totals["fastest_each"] += row[fastest] * calls
+            else:
+                row[name] = time_backend(q_shape, k_shape, masked, backend, device, args.reps)
+        row["fastest"] = min((n for n in BACKENDS if row[n] is not None), key=lambda n: row[n])
         rows.append(row)
         print(json.dumps(row), flush=True)
+    # per step, for each backend that ran every shape, and for the fastest backend of each shape
+    totals = {name: round(sum(r[name] * r["calls_per_step"] for r in rows), 2)
+              for name in [*BACKENDS, "default"] if all(r[name] is not None for r in rows)}
+    totals["fastest_each"] = round(sum(r[r["fastest"]] * r["calls_per_step"] for r in rows), 2)
     report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "preset": args.preset,
               "command": " ".join(sys.argv), "shapes": rows,
-              "ms_per_step_forward_backward": {k: round(v, 2) for k, v in totals.items()}}
+              "ms_per_step_forward_backward": totals}
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report["ms_per_step_forward_backward"]), flush=True)
     return report
