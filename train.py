@@ -29,8 +29,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from ldm.cli import check_arguments, quiet_lightning, user_errors
 from ldm.config_checks import check_config, check_val_interval
 from ldm.lit.callbacks import AtomicCheckpointIO, MonitorHistory, StepProgressBar
+from ldm.lit.guard import NonFiniteTrainingError
 from ldm.lit.resilience import (
-    NonFiniteTrainingError,
     TrainingInterrupted,
     TrainingState,
     hand_on_to_submitit,

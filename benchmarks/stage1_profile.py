@@ -31,7 +31,7 @@ from tvl_measure import RangeProfiler, Window, install_data_timer, ranged  # noq
 
 import ldm.lit.autoencoder as lit_autoencoder  # noqa: E402
 import ldm.losses.autoencoder as ae_loss  # noqa: E402
-from ldm.lit import resilience  # noqa: E402
+from ldm.lit import guard  # noqa: E402
 
 
 def install_stage1_ranges() -> None:
@@ -44,7 +44,7 @@ def install_stage1_ranges() -> None:
     module = lit_autoencoder.AutoencoderModule
     module._update = ranged("ldm.module._update (backward + step)", module._update)
     lit_autoencoder.ema_update = ranged("ldm.ema_update", lit_autoencoder.ema_update)
-    resilience.StepGuard.check = ranged("ldm.StepGuard.check (clip + finite)", resilience.StepGuard.check)
+    guard.StepGuard.check = ranged("ldm.StepGuard.check (clip + finite)", guard.StepGuard.check)
     pl.LightningModule.manual_backward = ranged("pl.manual_backward", pl.LightningModule.manual_backward)
     pl.LightningModule.log_dict = ranged("pl.LightningModule.log_dict", pl.LightningModule.log_dict)
     from ldm.models.autoencoder import AutoencoderKL

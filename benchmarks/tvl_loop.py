@@ -15,7 +15,11 @@ from torch.profiler import record_function
 from tvl_measure import Window
 
 import ldm.lit.ldm as ldm_module
-import ldm.lit.resilience as resilience
+
+try:  # the measured tree may be an older snapshot, whose guard lived in ldm.lit.resilience
+    import ldm.lit.guard as guard_module
+except ImportError:
+    import ldm.lit.resilience as guard_module
 from ldm.checkpoint import architecture
 from ldm.data.latents import LatentMemoryDataset, read_manifest
 from ldm.models.ema import ema_decay_at
@@ -101,7 +105,7 @@ class Loop:
             ema = self.ema
             ema.load_state_dict(self.unet.state_dict())
         ema_pairs = ([p for p in ema.parameters()], [p for p in self.unet.parameters()]) if ema else None
-        guard = resilience.StepGuard(20)
+        guard = guard_module.StepGuard(20)
         gen_data = torch.Generator().manual_seed(0)
         loader_iter = iter(self.data_module.train_dataloader()) if v["data"] == "loader" else None
         te = self.text_encoder

@@ -18,7 +18,11 @@ from torch.profiler import ProfilerActivity, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ldm.lit.ldm as ldm_module
-import ldm.lit.resilience as resilience
+
+try:  # the measured tree may be an older snapshot, whose guard lived in ldm.lit.resilience
+    import ldm.lit.guard as guard_module
+except ImportError:
+    import ldm.lit.resilience as guard_module
 from ldm.losses.diffusion import DiffusionLoss
 
 # ------------------------------------------------------------------------------------------ CPU ranges
@@ -41,7 +45,7 @@ def install_ranges() -> None:
     from ldm.models.text_encoders import TransformerTextEncoder
     for name in ("ema_update", "training_condition", "sample_posterior", "normalize_latents", "poison_if_not_finite"):
         setattr(ldm_module, name, ranged(f"ldm.{name}", getattr(ldm_module, name)))
-    resilience.StepGuard.check = ranged("ldm.StepGuard.check", resilience.StepGuard.check)
+    guard_module.StepGuard.check = ranged("ldm.StepGuard.check", guard_module.StepGuard.check)
     DiffusionLoss.forward = ranged("ldm.DiffusionLoss.forward", DiffusionLoss.forward)
     # (no range inside the compiled U-Net: dynamo would guard on RANGES_ON and recompile when it flips)
     TransformerTextEncoder.forward = ranged("ldm.TextEncoder.forward", TransformerTextEncoder.forward)

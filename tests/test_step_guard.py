@@ -1,4 +1,4 @@
-"""The bad-step guard (``ldm.lit.resilience.StepGuard``) decides on the device or on the host with the same result.
+"""The bad-step guard (``ldm.lit.guard.StepGuard``) decides on the device or on the host with the same result.
 
 With a fused optimizer (AdamW on CUDA by default; here ``fused=True`` on CPU, the same ``found_inf`` mechanism) the
 decision never reaches the host during the step: the fused kernel skips the update, the EMA is weighted by the
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.lit.resilience import NonFiniteTrainingError, StepGuard
+from ldm.lit.guard import NonFiniteTrainingError, StepGuard
 from ldm.models.ema import ema_decay_at, ema_update
 
 

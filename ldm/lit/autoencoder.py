@@ -16,8 +16,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from ldm.lit.optim import build_optimizer
-from ldm.lit.resilience import StepGuard, amp_scaler, poison_if_not_finite, restart_optimisation
+from ldm.lit.guard import StepGuard, amp_scaler, poison_if_not_finite
+from ldm.lit.optim import build_optimizer, scaled_learning_rate
+from ldm.lit.resilience import restart_optimisation
 from ldm.losses.autoencoder import FirstStageLoss
 from ldm.metrics.image_quality import psnr, ssim
 from ldm.models.ema import ema_decay_at, ema_pairs, ema_update
@@ -46,7 +47,7 @@ class AutoencoderModule(pl.LightningModule):
         ema_decay: keep an EMA of the autoencoder weights (``autoencoder_ema``), used for validation, latent
             statistics and everything built from the checkpoint. ``None``: off.
         max_consecutive_skips: stop the run (``NonFiniteTrainingError``) after this many training steps in a row
-            whose loss or gradients were not finite (each one is skipped: ``ldm.lit.resilience.StepGuard``).
+            whose loss or gradients were not finite (each one is skipped: ``ldm.lit.guard.StepGuard``).
         history: the configs this run was trained under (``train.py`` appends one entry per resume that changed
             settings); stored in every checkpoint.
         compile: ``torch.compile`` the training graph's parts in place (checkpoint keys unchanged): the encoder, the
@@ -116,10 +117,8 @@ class AutoencoderModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- setup
     def learning_rate(self) -> float:
-        if not self.scale_lr:
-            return self.base_learning_rate
-        world = self.trainer.world_size if self._trainer is not None else 1
-        return self.base_learning_rate * self.batch_size * world * self.accumulate
+        return scaled_learning_rate(self.base_learning_rate, self.scale_lr, self.batch_size, self.trainer.world_size,
+                                    self.accumulate)
 
     def configure_optimizers(self):
         lr = self.learning_rate()
@@ -146,8 +145,8 @@ class AutoencoderModule(pl.LightningModule):
         if do_step:
             if counts_as_step:
                 opt.step()
-            else:
-                _step_without_counting(opt)
+            else:  # the strategy's step (precision plugin, AMP scaler, hooks) without Lightning's step count
+                self.trainer.strategy.optimizer_step(opt.optimizer, closure=_no_closure)
             opt.zero_grad(set_to_none=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -238,16 +237,5 @@ class AutoencoderModule(pl.LightningModule):
         checkpoint["state_dict"].update(own)
 
 
-def _step_without_counting(opt) -> None:
-    """Step a LightningOptimizer (precision plugin, AMP scaler and all) without advancing ``global_step``.
-
-    In manual optimisation Lightning counts every ``optimizer.step()`` into ``global_step`` through the
-    optimizer's ``_on_before_step``/``_on_after_step`` hooks; the discriminator's update must not count, or a
-    GAN step would be two "steps" and ``max_steps``/resume bookkeeping would be off by a factor of ~2.
-    """
-    before, after = opt._on_before_step, opt._on_after_step
-    opt._on_before_step = opt._on_after_step = lambda: None
-    try:
-        opt.step()
-    finally:
-        opt._on_before_step, opt._on_after_step = before, after
+def _no_closure() -> None:  # the losses were back-propagated before the step
+    return None

@@ -15,8 +15,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from ldm.lit.optim import build_optimizer
-from ldm.lit.resilience import StepGuard, amp_scaler, poison_if_not_finite, restart_optimisation
+from ldm.lit.guard import StepGuard, amp_scaler, poison_if_not_finite
+from ldm.lit.optim import build_optimizer, scaled_learning_rate
+from ldm.lit.resilience import restart_optimisation
 from ldm.losses.diffusion import DiffusionLoss
 from ldm.models.distributions import sample_posterior
 from ldm.models.ema import ema_decay_at, ema_pairs, ema_update
@@ -51,7 +52,7 @@ class LatentDiffusionModule(pl.LightningModule):
             layout cuDNN's bf16 kernels work in, instead of converting around every convolution.
         gradient_clip_val: clip the global grad norm (0/None: off); done here, with the non-finite check.
         max_consecutive_skips: stop the run after this many steps in a row with a non-finite loss or gradients
-            (each is skipped: ``ldm.lit.resilience.StepGuard``).
+            (each is skipped: ``ldm.lit.guard.StepGuard``).
         history: the configs this run was trained under (see ``train.py``); stored in every checkpoint.
     """
 
@@ -124,10 +125,8 @@ class LatentDiffusionModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- setup
     def learning_rate(self) -> float:
-        if not self.scale_lr:
-            return self.base_learning_rate
-        world = self.trainer.world_size if self._trainer is not None else 1
-        return self.base_learning_rate * self.batch_size * world * self.accumulate
+        return scaled_learning_rate(self.base_learning_rate, self.scale_lr, self.batch_size, self.trainer.world_size,
+                                    self.accumulate)
 
     def configure_optimizers(self):
         params = list(self.unet.parameters())

@@ -34,3 +34,9 @@ def wants_fused(factory: Callable[..., Any], params: list[torch.Tensor]) -> bool
         return "fused" in inspect.signature(target).parameters
     except (TypeError, ValueError):
         return False
+
+
+def scaled_learning_rate(base: float, scale: bool, batch_size: int, world_size: int, accumulate: int) -> float:
+    """LDM's convention: ``base × batch × devices × accumulation`` when ``scale`` (the paper's configs give a base
+    rate per image), else ``base``."""
+    return base * batch_size * world_size * accumulate if scale else base
