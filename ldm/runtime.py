@@ -81,3 +81,10 @@ def compile_options(value: bool | str | None, key: str = "module.compile") -> di
     if str(value) not in modes:
         raise ValueError(f"{key}={value!r}: use false, true or one of torch.compile's modes {modes}")
     return {"mode": str(value)}
+
+
+def keyed_generator(device: torch.device, seed: int, *key: int) -> torch.Generator:
+    """A generator on ``device`` seeded by ``(seed, *key)``: the random draws of a training step are a pure
+    function of the run's seed and the step's key (rank, step, micro-batch), so a resumed run draws exactly what
+    an uninterrupted one would have drawn."""
+    return torch.Generator(device=device).manual_seed(hash((seed, *key)) % 2**63)

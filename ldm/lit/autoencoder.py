@@ -22,7 +22,7 @@ from ldm.lit.resilience import restart_optimisation
 from ldm.losses.autoencoder import FirstStageLoss
 from ldm.metrics.image_quality import psnr, ssim
 from ldm.models.ema import ema_decay_at, ema_pairs, ema_update
-from ldm.runtime import compile_options
+from ldm.runtime import compile_options, keyed_generator
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -161,9 +161,8 @@ class AutoencoderModule(pl.LightningModule):
         step = self.global_step  # generator updates so far
         do_step = (batch_idx + 1) % self.accumulate == 0
 
-        noise = torch.Generator(device=x.device)
         # keyed on the step and the micro-batch within it, not on Lightning's batch_idx, which a resume can shift
-        noise.manual_seed(hash((self.seed, self.global_rank, step, batch_idx % self.accumulate)) % 2**63)
+        noise = keyed_generator(x.device, self.seed, self.global_rank, step, batch_idx % self.accumulate)
 
         self.guard.begin_step(self)
         self.toggle_optimizer(opt_g)

@@ -23,7 +23,7 @@ from ldm.models.distributions import sample_posterior
 from ldm.models.ema import ema_decay_at, ema_pairs, ema_update
 from ldm.models.latent_stats import normalize_latents
 from ldm.pipeline import LatentDiffusion, generate, training_condition
-from ldm.runtime import autocast_dtype, compile_options
+from ldm.runtime import autocast_dtype, compile_options, keyed_generator
 
 
 class LatentDiffusionModule(pl.LightningModule):
@@ -148,11 +148,6 @@ class LatentDiffusionModule(pl.LightningModule):
             restart_optimisation(self, [self.optimizer_factory], self.learning_rate(), self.lr_scheduler_factory)
 
     # ---------------------------------------------------------------------------------------------- train
-    def _generator(self, *key: int) -> torch.Generator:
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(hash((self.seed, *key)) % 2**63)
-        return gen
-
     def _diffusion_loss(self, unet: nn.Module, batch: dict[str, Any], gen: torch.Generator, p_uncond: float):
         z = sample_posterior(batch["mean"], batch["logvar"], generator=gen)
         z = normalize_latents(z, self.latent_stats, self.latent_norm)
@@ -164,7 +159,7 @@ class LatentDiffusionModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self.guard.begin_step(self)
         # keyed on the step and the micro-batch within it, not on Lightning's batch_idx, which a resume can shift
-        gen = self._generator(self.global_rank, self.global_step, batch_idx % self.accumulate)
+        gen = keyed_generator(self.device, self.seed, self.global_rank, self.global_step, batch_idx % self.accumulate)
         loss, logs = self._diffusion_loss(self.unet, batch, gen, self.p_uncond)
         self.log("train/loss", loss, batch_size=batch["mean"].shape[0])  # shown by StepProgressBar, not prog_bar
         self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "loss"}, batch_size=batch["mean"].shape[0])
@@ -194,7 +189,7 @@ class LatentDiffusionModule(pl.LightningModule):
     # ----------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # the same noise, timesteps and posterior draws at every validation, and no condition dropout
-        gen = self._generator(-1, batch_idx, self.global_rank)
+        gen = keyed_generator(self.device, self.seed, -1, batch_idx, self.global_rank)
         loss, logs = self._diffusion_loss(self.sampling_unet(), batch, gen, p_uncond=0.0)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["mean"].shape[0])
         # the same quantity for every objective / weighting: what a sweep over them compares (hparams_search)
