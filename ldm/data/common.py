@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CROP_MODES = ("center", "random")
@@ -296,3 +297,27 @@ class SkipBadFiles:
                 self.bad.failed(name, error)
         self.bad.raise_error(f"all {n} {what} failed to load")
         raise AssertionError("unreachable")
+
+
+class FileListDataset(Dataset):
+    """Base of the map-style datasets over files that may be broken (image folders, emoji).
+
+    A subclass passes its file ``names`` (fixed order) and defines ``_load(name)``; ``_read(index)`` returns
+    ``(name, loaded, n_bad)`` by :class:`SkipBadFiles`' rule, and ``bad`` counts the failures.
+    """
+
+    def __init__(self, names: Sequence[str], source: str, what: str, max_bad_fraction: float) -> None:
+        self._names = names
+        self._what = what  # the items, for the error when none loads
+        self._reader = SkipBadFiles(source, max_bad_fraction)
+        self.bad = self._reader.bad
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def _read(self, index: int) -> tuple[str, Any, int]:
+        index = check_index(index, len(self._names), type(self).__name__)
+        return self._reader.read(index, self._names, self._load, self._what)
+
+    def _load(self, name: str) -> Any:
+        raise NotImplementedError

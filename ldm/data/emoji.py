@@ -15,15 +15,12 @@ import json
 import os
 from pathlib import Path
 
-from torch.utils.data import Dataset
-
 from ldm.data.common import (
+    FileListDataset,
     ImageTransform,
-    SkipBadFiles,
     article,
     check_choice,
     check_fraction,
-    check_index,
     check_resolution,
     make_sample,
     unit_hash,
@@ -96,7 +93,7 @@ def list_emoji(package: Path, vendor: str, include_skin_tones: bool = False) -> 
     return sorted(items, key=lambda item: item["file"])
 
 
-class EmojiDataset(Dataset):
+class EmojiDataset(FileListDataset):
     """Emoji of one vendor (see the module docstring) as captioned images.
 
     Args:
@@ -129,17 +126,12 @@ class EmojiDataset(Dataset):
         if not items:
             raise ValueError(f"EmojiDataset split {split!r} is empty (val_fraction={val_fraction})")
         self.items = items
-        self._files = [it["file"] for it in items]
-        self._position = {f: i for i, f in enumerate(self._files)}
-        self.reader = SkipBadFiles(f"EmojiDataset({str(self.package)!r})", max_bad_fraction)
-        self.bad = self.reader.bad
-
-    def __len__(self) -> int:
-        return len(self.items)
+        files = [it["file"] for it in items]
+        self._position = {f: i for i, f in enumerate(files)}
+        super().__init__(files, f"EmojiDataset({str(self.package)!r})", "emoji images", max_bad_fraction)
 
     def __getitem__(self, index: int) -> dict:
-        index = check_index(index, len(self.items), "EmojiDataset")
-        name, image, n_bad = self.reader.read(index, self._files, self._load, "emoji images")
+        name, image, n_bad = self._read(index)
         item = self.items[self._position[name]]
         return make_sample(image, item["caption"], item["attributes"], name, n_bad)
 

@@ -22,15 +22,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from torch.utils.data import Dataset
-
 from ldm.data.common import (
     IMAGE_EXTENSIONS,
+    FileListDataset,
     ImageTransform,
-    SkipBadFiles,
     check_choice,
     check_fraction,
-    check_index,
     make_sample,
     unit_hash,
     with_label,
@@ -131,7 +128,7 @@ def read_captions(root: Path, files: Sequence[str], texts: set[str]) -> tuple[di
     return captions, attributes
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(FileListDataset):
     """Images under ``root`` as samples of side ``resolution`` (see the module docstring).
 
     Args:
@@ -170,15 +167,11 @@ class ImageFolderDataset(Dataset):
         if self.n_missing_captions:
             log.info("%s: %d of %d images have no caption (using '')", self.root, self.n_missing_captions,
                      len(self.files))
-        self.reader = SkipBadFiles(f"ImageFolderDataset({str(self.root)!r})", max_bad_fraction)
-        self.bad = self.reader.bad
-
-    def __len__(self) -> int:
-        return len(self.files)
+        super().__init__(self.files, f"ImageFolderDataset({str(self.root)!r})", f"images of the {split!r} split",
+                         max_bad_fraction)
 
     def __getitem__(self, index: int) -> dict:
-        index = check_index(index, len(self.files), "ImageFolderDataset")
-        name, image, n_bad = self.reader.read(index, self.files, self._load, f"images of the {self.split!r} split")
+        name, image, n_bad = self._read(index)
         attributes = self._attributes.get(name)
         if self.classes is not None:
             cls = name.split("/", 1)[0]

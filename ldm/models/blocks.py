@@ -58,8 +58,13 @@ else:  # pragma: no cover - torch 2.3
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
-def _half_under_autocast(x: Tensor) -> bool:
-    return x.dtype in _HALF and _autocast_enabled(x.device.type)
+def _norm_in_input_dtype(norm, x: Tensor, shape, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """``norm(x, shape, weight, bias, eps)`` (F.group_norm or F.layer_norm) in ``x``'s dtype when ``x`` is half
+    precision under autocast (affine weights cast to it, autocast off); otherwise the plain call."""
+    if x.dtype in _HALF and _autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return norm(x, shape, weight.to(x.dtype), bias.to(x.dtype), eps)
+    return norm(x, shape, weight, bias, eps)
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -71,24 +76,14 @@ class GroupNorm32(nn.GroupNorm):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if _half_under_autocast(x):
-            with torch.autocast(x.device.type, enabled=False):
-                return F.group_norm(
-                    x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps
-                )
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return _norm_in_input_dtype(F.group_norm, x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm with the same half-precision-under-autocast behaviour as :class:`GroupNorm32`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if _half_under_autocast(x):
-            with torch.autocast(x.device.type, enabled=False):
-                return F.layer_norm(
-                    x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps
-                )
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return _norm_in_input_dtype(F.layer_norm, x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:
