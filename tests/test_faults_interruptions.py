@@ -304,3 +304,20 @@ def test_sigterm_under_ddp_saves_once_and_every_rank_exits(tmp_path):
     time.sleep(1.0)
     leftover = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout.split()
     assert not leftover, f"processes of the run still alive: {leftover}"
+
+
+def test_stage2_validation_inside_an_accumulation_window_keeps_its_gradients(tmp_path):
+    """Two batches per optimizer step and validation after every batch (inside every window) train exactly as
+    no validation does (Lightning's automatic optimisation zeroes the gradients before validating only between
+    windows; stage 1's manual one needed its own rule, tests/test_train_stage1.py)."""
+    s1 = make_stage1_checkpoint(tmp_path / "s1" / "last.ckpt")
+    common = STAGE2 + [f"autoencoder.pretrained={s1}", "trainer.max_steps=2", "trainer.accumulate_grad_batches=2",
+                       "trainer.num_sanity_val_steps=0", f"paths.latent_cache_root={tmp_path / 'cache'}"]
+    train.train(compose_train(common + ["trainer.limit_val_batches=0"], output_dir=tmp_path / "quiet"))
+    train.train(compose_train(common + ["trainer.val_check_interval=1", "trainer.check_val_every_n_epoch=null"],
+                              output_dir=tmp_path / "checked"))
+    a = load_torch_file(tmp_path / "quiet" / "checkpoints" / "last.ckpt")
+    b = load_torch_file(tmp_path / "checked" / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 2
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0, msg=key)

@@ -96,6 +96,36 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         torch.testing.assert_close(sa["state_dict"][k], sb["state_dict"][k], rtol=1e-6, atol=1e-7)
 
 
+ACCUMULATE = TINY_RUN + ["trainer.deterministic=true", "loss.disc_start=0", "data.dataset.size=12", "batch_size=4",
+                         "+data.shuffle=false", "module.accumulate_grad_batches=2", "trainer.num_sanity_val_steps=0",
+                         "trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.limit_val_batches=1",
+                         "callbacks.throughput=null"]
+
+
+def test_accumulation_windows_end_with_the_epoch(tmp_path):
+    """3 batches per epoch, 2 per window: windows [0, 1] and [2] in each epoch, as Lightning's automatic
+    optimisation does. A window across epochs counted batches twice over; one left open before the epoch's
+    validation lost its gradients there (Lightning zeroes them before validating)."""
+    train.train(compose_train(ACCUMULATE, output_dir=tmp_path))
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 4  # generator steps: 2 windows x 2 epochs
+    steps = [int(next(iter(o["state"].values()))["step"]) for o in ckpt["optimizer_states"]]
+    assert steps == [4, 4]  # the discriminator steps with every window too
+
+
+def test_validation_inside_a_window_keeps_its_gradients(tmp_path):
+    """Validation after every batch (inside every window) trains exactly as no validation does."""
+    quiet, checked = tmp_path / "quiet", tmp_path / "checked"
+    train.train(compose_train(ACCUMULATE + ["trainer.max_epochs=1", "trainer.limit_val_batches=0"], output_dir=quiet))
+    train.train(compose_train(ACCUMULATE + ["trainer.max_epochs=1", "trainer.val_check_interval=1"],
+                              output_dir=checked))
+    sa = load_checkpoint(quiet / "checkpoints" / "last.ckpt")
+    sb = load_checkpoint(checked / "checkpoints" / "last.ckpt")
+    assert sa["global_step"] == sb["global_step"] == 2
+    for k in sa["state_dict"]:
+        torch.testing.assert_close(sa["state_dict"][k], sb["state_dict"][k], rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_keep_identical_parameters(tmp_path):
     _run_cli("debug=ddp_cpu", *TINY_RUN, "trainer.max_steps=8", "loss.disc_start=2", f"hydra.run.dir={tmp_path}")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.lit.guard import StepGuard, amp_scaler, poison_if_not_finite
-from ldm.lit.optim import build_optimizer, scaled_learning_rate
+from ldm.lit.optim import build_optimizer, closes_window, scaled_learning_rate
 from ldm.lit.resilience import restart_optimisation
 from ldm.losses.autoencoder import FirstStageLoss
 from ldm.metrics.image_quality import psnr, ssim
@@ -107,6 +107,7 @@ class AutoencoderModule(pl.LightningModule):
         self.history = list(history or [])
         self._resumed = False
         self._ema_pairs = None
+        self._window_open = False  # an accumulation window with gradients not yet stepped
         if (options := compile_options(compile)) is not None:  # after the EMA copy, which only validates
             for part in (autoencoder.encoder, loss.perceptual, loss.discriminator):
                 if part is not None:
@@ -159,7 +160,8 @@ class AutoencoderModule(pl.LightningModule):
         opt_g, opt_d = self.optimizers()
         x = batch["image"].contiguous(memory_format=self.memory_format)
         step = self.global_step  # generator updates so far
-        do_step = (batch_idx + 1) % self.accumulate == 0
+        do_step = closes_window(self.trainer, batch_idx, self.accumulate)
+        self._window_open = not do_step
 
         # keyed on the step and the micro-batch within it, not on Lightning's batch_idx, which a resume can shift
         noise = keyed_generator(x.device, self.seed, self.global_rank, step, batch_idx % self.accumulate)
@@ -199,6 +201,10 @@ class AutoencoderModule(pl.LightningModule):
                      sync_dist=True)
 
     # ----------------------------------------------------------------------------------------- validation
+    def on_validation_model_zero_grad(self) -> None:
+        if not self._window_open:  # mid-window the gradients are the accumulation's partial sum: kept
+            super().on_validation_model_zero_grad()
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x = batch["image"]
         model = self.autoencoder_ema if self.autoencoder_ema is not None else self.autoencoder

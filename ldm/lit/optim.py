@@ -40,3 +40,15 @@ def scaled_learning_rate(base: float, scale: bool, batch_size: int, world_size: 
     """LDM's convention: ``base × batch × devices × accumulation`` when ``scale`` (the paper's configs give a base
     rate per image), else ``base``."""
     return base * batch_size * world_size * accumulate if scale else base
+
+
+def closes_window(trainer: Any, batch_idx: int, accumulate: int) -> bool:
+    """Whether micro-batch ``batch_idx`` of an epoch ends a gradient-accumulation window of ``accumulate`` batches.
+
+    As Lightning's automatic optimisation does: every ``accumulate`` batches, and at the epoch's last batch, so a
+    window never spans two epochs (its batches would be counted twice over) and the epoch's validation never
+    follows a window left open. Windows start where ``batch_idx % accumulate == 0``.
+    """
+    if (batch_idx + 1) % accumulate == 0:
+        return True
+    return bool(trainer.is_last_batch) or batch_idx + 1 >= trainer.num_training_batches
