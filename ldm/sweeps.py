@@ -341,6 +341,8 @@ def continue_with(cfg: DictConfig) -> str:
     """The overrides that continue this run: its run_name, or in a sweep the sweep's folder."""
     if in_sweep():
         return f"hydra.sweep.dir={HydraConfig.get().sweep.dir} (a sweep job resumes its own folder)"
+    if HydraConfig.initialized() and any(o.startswith("hydra.run.dir=") for o in HydraConfig.get().overrides.hydra):
+        return f"hydra.run.dir={HydraConfig.get().run.dir} resume=auto"  # a folder given by hand, not by run_name
     return f"run_name={cfg.run_name} resume=auto"
 
 

@@ -229,6 +229,8 @@ def test_signal_saves_at_the_current_step_and_exits_128_plus_signal(tmp_path, si
     ckpt = load_torch_file(last)
     assert ckpt["global_step"] > saved_at, "the signal did not save the current step"
     assert f"{signal.Signals(sig).name} received" in err and "resume=auto" in err
+    if sig != signal.SIGUSR1:  # the folder was given by hand (hydra.run.dir): the hint names it, not a run_name
+        assert f"continue with the same command and hydra.run.dir={run} resume=auto" in err, err[-2000:]
     assert not list(last.parent.glob(".*.tmp"))
     position = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     # every sample the training steps used (3 batches of 4 per pass; at a pass's end the position may read as the
