@@ -323,3 +323,43 @@ def test_stage2_validation_inside_an_accumulation_window_keeps_its_gradients(tmp
     assert a["global_step"] == b["global_step"] == 2
     for key in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0, msg=key)
+
+
+SIGNAL_AT = '''
+import os, signal
+import pytorch_lightning as pl
+
+
+class SignalAt(pl.Callback):  # SIGTERM to this process once, at the end of the batch that reaches `step`
+    def __init__(self, step):
+        self.step, self.sent = step, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+'''
+
+
+def test_sigterm_before_an_epochs_last_batch_resumes_inside_that_epoch(tmp_path):
+    """3 batches per epoch, validation every 2 steps; SIGTERM after step 2 stops before batch 2, the epoch's last,
+    which Lightning already knows to be the last. The resumed run trains it in epoch 0 and counts epochs as an uninterrupted run does,
+    instead of closing epoch 0 early and running that batch as a one-batch epoch 1."""
+    (tmp_path / "signal_at.py").write_text(SIGNAL_AT)
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # validation after step 2 too: a resume skips repeating it, and then found the stale "last batch" flag
+    args = STAGE1 + ["module.lr_scheduler.T_max=50", "+data.shuffle=false", "trainer.val_check_interval=2",
+                     "trainer.check_val_every_n_epoch=null"]
+    run, ref = tmp_path / "stopped", tmp_path / "straight"
+    stopped = run_train(args + ["trainer.max_steps=100", "+callbacks.signal_at._target_=signal_at.SignalAt",
+                                "+callbacks.signal_at.step=2"], run, env)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert load_torch_file(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+    resumed = run_train(args + ["trainer.max_steps=5", "resume=auto"], run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = run_train(args + ["trainer.max_steps=5"], ref)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a, b = load_torch_file(ref / "checkpoints" / "last.ckpt"), load_torch_file(run / "checkpoints" / "last.ckpt")
+    assert a["epoch"] == b["epoch"], (a["epoch"], b["epoch"])
+    assert a["loops"]["fit_loop"]["epoch_progress"] == b["loops"]["fit_loop"]["epoch_progress"]
+    assert_same_state(a, b)

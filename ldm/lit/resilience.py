@@ -170,8 +170,10 @@ class TrainingState(pl.Callback):
             path = self.checkpoint_dir / "last.ckpt"
             # Lightning counts this batch as fetched ("ready"): saved as of the end of the previous batch, the state
             # a resumed run continues from (its batch counter, which places validations, then matches global_step)
+            # (and not known to be the epoch's last: a resume must run it as the last batch, not start a new epoch)
             progress = trainer.fit_loop.epoch_loop.batch_progress
             progress.total.ready, progress.current.ready = progress.total.completed, progress.current.completed
+            progress.is_last_batch = False
             trainer.save_checkpoint(path, weights_only=False)  # the full state: resumable
             raise TrainingInterrupted(signum, trainer.global_step, str(path))
 
