@@ -1,4 +1,5 @@
-"""Optimizers of both stages, built from their config's ``_partial_`` factory: fused kernels on CUDA.
+"""Optimizers of both stages, built from their config's ``_partial_`` factory (fused kernels on CUDA), their learning-rate
+rule and gradient-accumulation windows.
 
 A torch optimizer with a fused implementation (Adam, AdamW, SGD, ...) whose config does not choose one
 (``fused`` / ``foreach``) gets ``fused=True`` when every parameter is on a CUDA device: one kernel per step for all
